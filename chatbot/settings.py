@@ -1,0 +1,267 @@
+"""Django settings for the streaming chatbot.
+
+Every value an operator may change comes from the environment (or a `.env` file
+in the project root); the README's configuration table lists them all. Defaults
+are the embedded ones: SQLite, in-memory layers, the local model, DEBUG off.
+"""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+from dotenv import load_dotenv
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+load_dotenv(BASE_DIR / ".env")
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean: use true or false.")
+
+
+def env_number(name: str, default, cast=float, minimum=None):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"{name}={raw!r} is not a valid {cast.__name__}; unset it to use the default ({default})."
+        ) from None
+    if minimum is not None and value < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {value}.")
+    return value
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if DEBUG or os.environ.get("CHATBOT_DEV_DEFAULTS") == "1":
+        # Development only: `make run` sets CHATBOT_DEV_DEFAULTS so a fresh checkout starts.
+        SECRET_KEY = "insecure-development-key-do-not-use-in-production"
+    else:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY is not set. Generate one with "
+            "`python -c 'import secrets; print(secrets.token_urlsafe(50))'` and put it in "
+            "the environment or in .env (or set DJANGO_DEBUG=true for local development)."
+        )
+
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    # daphne first: it makes `manage.py runserver` an ASGI server, so streaming,
+    # background generations and WebSockets work there as under uvicorn.
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "channels",
+    "chatbot_api",
+    "chatbot_web",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "chatbot.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "django.template.context_processors.i18n",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "chatbot.wsgi.application"
+ASGI_APPLICATION = "chatbot.asgi.application"
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL") or f"sqlite:///{BASE_DIR / 'db.sqlite3'}",
+        conn_max_age=int(env_number("DATABASE_CONN_MAX_AGE", 0, int, minimum=0)),
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the page read while a generation flushes; a busy timeout instead of
+    # "database is locked" when two writers meet.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": 20,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            "transaction_mode": "IMMEDIATE",
+        }
+    )
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en"
+LANGUAGES = [("en", "English"), ("it", "Italiano")]
+LOCALE_PATHS = [BASE_DIR / "locale"]
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
+# Serve from the apps' static folders without collectstatic in development/tests.
+WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG
+
+# A chat request is small; anything bigger is refused before it is parsed.
+DATA_UPLOAD_MAX_MEMORY_SIZE = int(env_number("CHATBOT_MAX_BODY_BYTES", 64 * 1024, int, minimum=1024))
+
+SESSION_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", False)
+CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+SESSION_COOKIE_AGE = 60 * 60 * 24 * 30
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "chat"
+LOGOUT_REDIRECT_URL = "chat"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "chatbot_api.authentication.CsrfSessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["chatbot_api.permissions.ChatAccess"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "chatbot_api.errors.api_exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Streaming Chatbot API",
+    "DESCRIPTION": (
+        "Chat with a language model. Answers stream as Server-Sent Events, NDJSON or "
+        "WebSocket frames; every transport carries the same event schema "
+        "(see docs/streaming.md)."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+REDIS_URL = os.environ.get("REDIS_URL", "")
+
+CACHES = {
+    "default": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+        if REDIS_URL
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "chatbot"}
+    )
+}
+
+CHANNEL_LAYERS = {
+    "default": (
+        {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
+        if REDIS_URL
+        else {"BACKEND": "channels.layers.InMemoryChannelLayer"}
+    )
+}
+
+# --- The chatbot itself -------------------------------------------------------
+OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "")
+OPENAI_BASE_URL = os.environ.get("OPENAI_BASE_URL", "")
+
+CHATBOT = {
+    "PROVIDER": os.environ.get("CHATBOT_PROVIDER", "") or ("openai" if OPENAI_API_KEY else "local"),
+    "MODEL": os.environ.get("CHATBOT_MODEL", ""),
+    "MAX_TOKENS": env_number("CHATBOT_MAX_TOKENS", 150, int, minimum=1),
+    "TEMPERATURE": env_number("CHATBOT_TEMPERATURE", 0.7, float, minimum=0),
+    "SYSTEM_PROMPT": os.environ.get("CHATBOT_SYSTEM_PROMPT", "You are a helpful assistant."),
+    "LOCAL_MODEL_PATH": os.environ.get("CHATBOT_LOCAL_MODEL_PATH", ""),
+    "LOCAL_THREADS": env_number("CHATBOT_LOCAL_THREADS", 0, int, minimum=0),
+    "LOCAL_CONTEXT": env_number("CHATBOT_LOCAL_CONTEXT", 2048, int, minimum=256),
+    # Tokens of earlier turns sent as context; 0 means "what fits the model's window".
+    "HISTORY_TOKENS": env_number("CHATBOT_HISTORY_TOKENS", 0, int, minimum=0),
+    "CONNECT_TIMEOUT": env_number("CHATBOT_CONNECT_TIMEOUT", 10.0, minimum=0.001),
+    "FIRST_TOKEN_TIMEOUT": env_number("CHATBOT_FIRST_TOKEN_TIMEOUT", 60.0, minimum=0.001),
+    "IDLE_TIMEOUT": env_number("CHATBOT_IDLE_TIMEOUT", 30.0, minimum=0.001),
+    "TOTAL_TIMEOUT": env_number("CHATBOT_TOTAL_TIMEOUT", 300.0, minimum=0.001),
+    "FLUSH_INTERVAL": env_number("CHATBOT_FLUSH_INTERVAL", 0.25, minimum=0.01),
+    "KEEPALIVE_INTERVAL": env_number("CHATBOT_KEEPALIVE_INTERVAL", 15.0, minimum=0.01),
+    "CANCEL_ON_DISCONNECT": env_bool("CHATBOT_CANCEL_ON_DISCONNECT", False),
+    "ALLOW_ANONYMOUS": env_bool("CHATBOT_ALLOW_ANONYMOUS", True),
+    "OPENAI_MAX_RETRIES": env_number("OPENAI_MAX_RETRIES", 1, int, minimum=0),
+    "EVENT_LOG_TTL": env_number("CHATBOT_EVENT_LOG_TTL", 3600.0, minimum=1),
+    "ORPHAN_AFTER": env_number("CHATBOT_ORPHAN_AFTER", 30.0, minimum=1),
+    "SHUTDOWN_GRACE": env_number("CHATBOT_SHUTDOWN_GRACE", 10.0, minimum=0),
+}
+if CHATBOT["PROVIDER"] not in {"openai", "local"}:
+    raise ImproperlyConfigured(
+        f"CHATBOT_PROVIDER={CHATBOT['PROVIDER']!r} is not supported: use 'openai' or 'local'."
+    )
+if CHATBOT["PROVIDER"] == "openai" and not OPENAI_API_KEY:
+    raise ImproperlyConfigured(
+        "CHATBOT_PROVIDER=openai needs OPENAI_API_KEY. Set it in the environment or .env "
+        "(any non-empty value works for a local OpenAI-compatible server at OPENAI_BASE_URL), "
+        "or use CHATBOT_PROVIDER=local for the embedded model."
+    )
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("DJANGO_LOG_LEVEL", "INFO")},
+    "loggers": {"httpx": {"level": "WARNING"}, "httpx2": {"level": "WARNING"}},
+}
+
+if not DEBUG:
+    SECURE_CONTENT_TYPE_NOSNIFF = True
+    X_FRAME_OPTIONS = "DENY"

@@ -1,0 +1,11 @@
+"""Settings for the test suite: the project's settings with development defaults and fast hashing."""
+
+import os
+
+os.environ.setdefault("CHATBOT_DEV_DEFAULTS", "1")
+# Tests choose their provider per test; the embedded default is the local model.
+os.environ.pop("OPENAI_API_KEY", None)
+
+from chatbot.settings import *  # noqa: E402,F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

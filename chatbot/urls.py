@@ -1,0 +1,11 @@
+from django.contrib import admin
+from django.urls import include, path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/", include("chatbot_api.urls")),
+    path("", include("chatbot_web.urls")),
+]
+
+handler404 = "chatbot_api.errors.json_not_found"
+handler500 = "chatbot_api.errors.json_server_error"

@@ -1,0 +1,21 @@
+from django.conf import settings
+from rest_framework.authentication import SessionAuthentication
+
+
+class CsrfSessionAuthentication(SessionAuthentication):
+    """Session authentication that checks CSRF for every request carrying a session cookie.
+
+    DRF checks CSRF only for signed-in users; anonymous conversations are owned by the
+    session cookie too, so a cross-site request must not be able to use it either.
+    Requests without cookies (scripts using a token, or none) have no ambient
+    credentials to abuse and are not checked.
+    """
+
+    def authenticate(self, request):
+        user = getattr(request._request, "user", None)
+        if user is not None and user.is_active:
+            self.enforce_csrf(request)
+            return (user, None)
+        if settings.SESSION_COOKIE_NAME in request._request.COOKIES:
+            self.enforce_csrf(request)
+        return None

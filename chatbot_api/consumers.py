@@ -1,0 +1,103 @@
+"""WebSocket transport: the same services and the same events as the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from uuid import UUID
+
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from rest_framework.exceptions import ValidationError
+
+from . import selectors, services
+from .errors import ChatbotError, api_exception_handler
+from .eventlog import KEEPALIVE
+from .identity import owner_for_scope
+from .serializers import ChatRequestSerializer
+
+# Close code for "not allowed": the WebSocket twin of HTTP 403.
+CLOSE_FORBIDDEN = 4403
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    """`/ws/chat/`: send `chat`, `stop` and `resume` requests, receive the answers' events.
+
+    Several answers may stream on one socket; every event carries its `message_id`.
+    Request-level errors come back as `{"type": "error", "code", "message", ...}`
+    without a `seq`, echoing the request's `request_id` when one was given.
+    """
+
+    async def connect(self):
+        """Called when a client opens the socket: accept it if it may chat."""
+        self.owner = await owner_for_scope(self.scope)
+        self.followers: dict[UUID, asyncio.Task] = {}
+        if self.owner is None:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        await self.accept()
+
+    async def receive_json(self, content, **kwargs):
+        """Called for each JSON frame the client sends."""
+        if not isinstance(content, dict):
+            await self._send_error({}, ChatbotError("Each frame must be a JSON object.", code="invalid"))
+            return
+        handler = {"chat": self._chat, "stop": self._stop, "resume": self._resume}.get(content.get("type"))
+        try:
+            if handler is None:
+                raise ChatbotError("`type` must be one of: chat, stop, resume.", code="invalid")
+            await handler(content)
+        except (ChatbotError, ValidationError) as error:
+            await self._send_error(content, error)
+
+    async def disconnect(self, code):
+        """Called when the socket closes: stop following; the answers themselves go on."""
+        for task in self.followers.values():
+            task.cancel()
+        for task in list(self.followers.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _chat(self, content):
+        serializer = ChatRequestSerializer(
+            data={"message": content.get("message"), "session_id": content.get("session_id")}
+        )
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        turn = await services.chat_start(owner=self.owner, text=data["message"], session_id=data.get("session_id"))
+        self._follow(turn.assistant_message, after=0)
+
+    async def _stop(self, content):
+        await services.message_stop(owner=self.owner, message_id=content.get("message_id"))
+
+    async def _resume(self, content):
+        after = content.get("after", 0)
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            raise ChatbotError("`after` must be a non-negative integer.", code="invalid")
+        message = await selectors.message_get(owner=self.owner, message_id=content.get("message_id"))
+        self._follow(message, after=after)
+
+    def _follow(self, message, *, after: int) -> None:
+        previous = self.followers.pop(message.id, None)
+        if previous is not None:
+            previous.cancel()  # a resume replaces an older reader of the same answer
+        task = asyncio.create_task(self._pump(message, after))
+        self.followers[message.id] = task
+        task.add_done_callback(lambda done: self._forget(message.id, done))
+
+    def _forget(self, message_id: UUID, task: asyncio.Task) -> None:
+        if self.followers.get(message_id) is task:
+            del self.followers[message_id]
+
+    async def _pump(self, message, after: int) -> None:
+        async for item in services.follow_events(message=message, after=after):
+            if item is not KEEPALIVE:  # WebSocket servers ping at the protocol level
+                await self.send(text_data=item.json)
+
+    async def _send_error(self, content: dict, error: Exception) -> None:
+        response = api_exception_handler(error, {})
+        frame = {"type": "error", **{k: v for k, v in response.data.items() if k != "success"}}
+        frame["message"] = frame.pop("error")
+        frame.setdefault("retryable", False)
+        if "request_id" in content:
+            frame["request_id"] = content["request_id"]
+        await self.send_json(frame)

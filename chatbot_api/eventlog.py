@@ -1,0 +1,120 @@
+"""Per-message event logs: generations append, transports read from an offset.
+
+`EventLog` is the backend contract. `InMemoryEventLog` serves one process; a
+Redis Streams backend can implement the same four methods for a cluster. Readers
+never talk to the generation: they replay what is logged after their offset, then
+tail new events until the terminal one, so a reconnecting client gets exactly the
+events it missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from uuid import UUID
+
+from .events import Event
+
+# Yielded by `read()` when nothing happened for `keepalive` seconds, so transports
+# can send a keep-alive frame without a timer of their own.
+KEEPALIVE = object()
+
+
+class LogNotFound(LookupError):
+    """No log for this message here (never opened, expired, or owned by a process that died)."""
+
+
+class EventLog:
+    """Contract of an event-log backend.
+
+    - `open(message_id)` creates an empty log before the generation starts;
+    - `append(message_id, type, data)` assigns the next sequence number and wakes readers;
+      a terminal event closes the log, which is then kept for `ttl` seconds;
+    - `read(message_id, after=, keepalive=)` yields the events with `seq > after`, then
+      live ones, and returns after the terminal event; raises `LogNotFound`;
+    - `exists(message_id)`.
+    """
+
+    async def open(self, message_id: UUID) -> None:
+        raise NotImplementedError(".open() must be overridden")
+
+    async def append(self, message_id: UUID, type: str, data: dict) -> Event:
+        raise NotImplementedError(".append() must be overridden")
+
+    def read(self, message_id: UUID, *, after: int = 0, keepalive: float | None = None) -> AsyncIterator:
+        raise NotImplementedError(".read() must be overridden")
+
+    async def exists(self, message_id: UUID) -> bool:
+        raise NotImplementedError(".exists() must be overridden")
+
+
+@dataclass(slots=True)
+class _Stream:
+    events: list[Event] = field(default_factory=list)
+    # Replaced on every append: readers wait on the current one, the append sets it.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    expires_at: float | None = None
+
+
+class InMemoryEventLog(EventLog):
+    """Event logs in this process's memory; finished logs expire after `ttl` seconds."""
+
+    clock = staticmethod(time.monotonic)
+    purge_every = 60.0
+
+    def __init__(self, *, ttl: float):
+        self.ttl = ttl
+        self._streams: dict[UUID, _Stream] = {}
+        self._next_purge = 0.0
+
+    async def open(self, message_id: UUID) -> None:
+        self._purge_expired()
+        self._streams.setdefault(message_id, _Stream())
+
+    async def append(self, message_id: UUID, type: str, data: dict) -> Event:
+        stream = self._streams.get(message_id)
+        if stream is None:
+            raise LogNotFound(message_id)
+        if stream.expires_at is not None:
+            raise RuntimeError(f"the event log of {message_id} is closed")
+        event = Event.create(len(stream.events) + 1, type, data, message_id)
+        stream.events.append(event)
+        if event.is_terminal:
+            stream.expires_at = self.clock() + self.ttl
+        waiters, stream.changed = stream.changed, asyncio.Event()
+        waiters.set()
+        return event
+
+    async def read(self, message_id: UUID, *, after: int = 0, keepalive: float | None = None) -> AsyncIterator:
+        stream = self._streams.get(message_id)
+        if stream is None:
+            raise LogNotFound(message_id)
+        position = max(after, 0)
+        while True:
+            events = stream.events
+            while position < len(events):
+                event = events[position]
+                position += 1
+                yield event
+                if event.is_terminal:
+                    return
+            changed = stream.changed
+            try:
+                async with asyncio.timeout(keepalive):
+                    await changed.wait()
+            except TimeoutError:
+                yield KEEPALIVE
+
+    async def exists(self, message_id: UUID) -> bool:
+        return message_id in self._streams
+
+    def _purge_expired(self) -> None:
+        now = self.clock()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + self.purge_every
+        expired = [key for key, s in self._streams.items() if s.expires_at is not None and s.expires_at <= now]
+        for key in expired:
+            del self._streams[key]

@@ -1,0 +1,67 @@
+"""The event stream of one assistant message: one schema for every transport.
+
+Each event is a JSON object with a `type`, the `message_id` and a `seq` strictly
+increasing per message (1, 2, 3, ...):
+
+    meta   {session_id, message_id, model, provider}
+    delta  {text}
+    usage  {prompt_tokens, completion_tokens, estimated}
+    done   {status: "complete" | "stopped", finish_reason}        terminal
+    error  {code, message, retryable}                             terminal
+
+Every stream ends with exactly one terminal event, so a client can always tell a
+finished answer from a cut one. The JSON text is encoded once, when the event is
+appended, and shared by every reader and transport.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+META, DELTA, USAGE, DONE, ERROR = "meta", "delta", "usage", "done", "error"
+TERMINAL_TYPES = frozenset({DONE, ERROR})
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    seq: int
+    type: str
+    data: dict
+    json: str = field(default="", compare=False)
+
+    @classmethod
+    def create(cls, seq: int, type: str, data: dict, message_id) -> Event:
+        payload = {"type": type, "seq": seq, "message_id": str(message_id), **data}
+        return cls(seq, type, data, json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+    def as_dict(self) -> dict:
+        return {"type": self.type, "seq": self.seq, **self.data}
+
+
+@dataclass(slots=True)
+class Answer:
+    """What a client assembles from the events: used by the JSON transport."""
+
+    parts: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    usage: dict | None = None
+    terminal: Event | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def add(self, event: Event) -> None:
+        if event.type == DELTA:
+            self.parts.append(event.data["text"])
+        elif event.type == META:
+            self.meta = event.data
+        elif event.type == USAGE:
+            self.usage = event.data
+        elif event.is_terminal:
+            self.terminal = event

@@ -1,0 +1,388 @@
+"""Generations: the tasks that turn a provider's stream into a message's event log.
+
+A generation is owned by the server process, not by the HTTP request or socket
+that asked for it: it reads the provider's stream, appends numbered events to the
+message's log, flushes the partial text to the database at most every
+`FLUSH_INTERVAL` seconds and writes the outcome at the end. Clients come and go as
+readers of the log.
+
+`GenerationManager` is the per-process registry of running generations; it also
+keeps their heartbeat fresh and sweeps messages whose owner died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from uuid import UUID
+
+from asgiref.sync import sync_to_async
+from django.db import transaction
+from django.utils import timezone
+
+from . import events as ev
+from .conf import chatbot_setting
+from .errors import ChatbotError, GenerationTimeout, ProviderError
+from .eventlog import EventLog, InMemoryEventLog
+from .models import Message
+from .providers import Provider, Usage
+
+logger = logging.getLogger("chatbot.generation")
+
+Status = Message.Status
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    message_id: UUID
+    conversation_id: UUID
+    prompt: list[dict]
+    max_tokens: int
+    temperature: float
+
+
+@dataclass(slots=True)
+class Limits:
+    first_token: float
+    idle: float
+    total: float
+
+    @classmethod
+    def from_settings(cls) -> Limits:
+        return cls(
+            first_token=chatbot_setting("FIRST_TOKEN_TIMEOUT"),
+            idle=chatbot_setting("IDLE_TIMEOUT"),
+            total=chatbot_setting("TOTAL_TIMEOUT"),
+        )
+
+
+class Generation:
+    """One answer being written. `run()` is the whole life of the task."""
+
+    def __init__(self, request: GenerationRequest, *, provider: Provider, manager: GenerationManager):
+        self.request = request
+        self.provider = provider
+        self.manager = manager
+        self.log = manager.log
+        self.limits = Limits.from_settings()
+        self.parts: list[str] = []
+        self.task: asyncio.Task | None = None
+        # Why we cancelled our own task: "stopped" (the user) or "interrupted" (shutdown).
+        self.cancel_reason: str | None = None
+
+    @property
+    def message_id(self) -> UUID:
+        return self.request.message_id
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first_token_at: float | None = None
+        finish_reason = ""
+        usage: Usage | None = None
+        outcome: dict = {}
+        await self.log.append(
+            self.message_id,
+            ev.META,
+            {
+                "session_id": str(self.request.conversation_id),
+                "message_id": str(self.message_id),
+                "model": self.provider.model_id,
+                "provider": self.provider.name,
+            },
+        )
+        stream = self.provider.stream(
+            self.request.prompt, max_tokens=self.request.max_tokens, temperature=self.request.temperature
+        )
+        limits = self.limits
+        total_deadline = started + limits.total
+        limit = "first_token"
+        try:
+            async with asyncio.timeout_at(min(started + limits.first_token, total_deadline)) as timer:
+                if timer.when() == total_deadline:
+                    limit = "total"
+                async for chunk in stream:
+                    now = loop.time()
+                    if chunk.text:
+                        if first_token_at is None:
+                            first_token_at = now
+                        self.parts.append(chunk.text)
+                        await self.log.append(self.message_id, ev.DELTA, {"text": chunk.text})
+                        self.manager.mark_dirty(self)
+                    if chunk.finish_reason:
+                        finish_reason = chunk.finish_reason
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    if first_token_at is not None:
+                        idle_deadline = now + limits.idle
+                        limit = "idle" if idle_deadline < total_deadline else "total"
+                        timer.reschedule(min(idle_deadline, total_deadline))
+            outcome = {"status": Status.COMPLETE, "finish_reason": finish_reason or "stop"}
+        except TimeoutError:
+            error = GenerationTimeout(limit, getattr(limits, limit))
+            outcome = _failure(error)
+        except ChatbotError as error:
+            outcome = _failure(error)
+        except asyncio.CancelledError:
+            reason = self.cancel_reason or "interrupted"
+            if reason == "stopped":
+                outcome = {"status": Status.STOPPED, "finish_reason": "stopped"}
+            else:
+                outcome = _failure(ChatbotError(INTERRUPTED_MESSAGE, code="interrupted", retryable=True))
+                outcome["status"] = Status.INTERRUPTED
+            if self.cancel_reason is None:  # not ours: let the canceller see it after we save
+                await asyncio.shield(self._finish(outcome, started, first_token_at, usage))
+                raise
+            asyncio.current_task().uncancel()  # our own stop: the task ends normally
+        except Exception as error:  # a bug or an unexpected library error: still end the stream
+            logger.exception("generation %s crashed", self.message_id)
+            outcome = _failure(ProviderError(f"Unexpected error: {error.__class__.__name__}", code="internal"))
+        finally:
+            await stream.aclose()
+        await self._finish(outcome, started, first_token_at, usage)
+
+    async def _finish(self, outcome: dict, started: float, first_token_at: float | None,
+                      usage: Usage | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.manager.forget_dirty(self)
+        text = self.text
+        if usage is None and (text or outcome.get("status") == Status.COMPLETE):
+            usage = Usage(
+                prompt_tokens=sum(self.provider.count_tokens(m["content"]) for m in self.request.prompt),
+                completion_tokens=self.provider.count_tokens(text) if text else 0,
+                estimated=True,
+            )
+        fields = {
+            "content": text,
+            "status": outcome["status"],
+            "finish_reason": outcome.get("finish_reason", ""),
+            "error_code": outcome.get("code", ""),
+            "error_message": outcome.get("message", ""),
+            "duration_ms": round((loop.time() - started) * 1000, 3),
+            "ttft_ms": round((first_token_at - started) * 1000, 3) if first_token_at is not None else None,
+            "heartbeat_at": timezone.now(),
+        }
+        if usage is not None:
+            fields.update(
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                tokens_estimated=usage.estimated,
+            )
+        await _save_outcome(self.message_id, fields)
+        if usage is not None:
+            await self.log.append(
+                self.message_id,
+                ev.USAGE,
+                {
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "estimated": usage.estimated,
+                },
+            )
+        await self.log.append(self.message_id, *terminal_event(outcome))
+        logger.info(
+            "answer message=%s conversation=%s provider=%s model=%s outcome=%s prompt_tokens=%s "
+            "completion_tokens=%s estimated=%s ttft_ms=%s duration_ms=%s",
+            self.message_id, self.request.conversation_id, self.provider.name, self.provider.model_id,
+            outcome["status"], fields.get("prompt_tokens"), fields.get("completion_tokens"),
+            fields.get("tokens_estimated", False), fields["ttft_ms"], fields["duration_ms"],
+        )
+
+
+INTERRUPTED_MESSAGE = "The server stopped while this answer was being written; the partial answer was kept."
+
+
+def _failure(error: ChatbotError) -> dict:
+    return {
+        "status": Status.FAILED,
+        "code": error.code,
+        "message": error.message,
+        "retryable": error.retryable,
+        "finish_reason": "error",
+    }
+
+
+def terminal_event(outcome: dict) -> tuple[str, dict]:
+    """The terminal event (type, data) for an outcome or a stored message's status."""
+    status = outcome["status"]
+    if status in (Status.COMPLETE, Status.STOPPED):
+        return ev.DONE, {"status": str(status), "finish_reason": outcome.get("finish_reason") or "stop"}
+    return ev.ERROR, {
+        "code": outcome.get("code") or str(status),
+        "message": outcome.get("message") or INTERRUPTED_MESSAGE,
+        "retryable": bool(outcome.get("retryable", True)),
+    }
+
+
+async def _save_outcome(message_id: UUID, fields: dict) -> None:
+    # The outcome must reach the database even if the database blinked: retry briefly.
+    for attempt in range(3):
+        try:
+            await Message.objects.filter(pk=message_id).aupdate(**fields)
+            return
+        except Exception:
+            logger.warning("saving message %s failed (attempt %d)", message_id, attempt + 1, exc_info=True)
+            await asyncio.sleep(0.2 * (attempt + 1))
+
+
+class GenerationManager:
+    """The generations this process runs, their heartbeat and the orphan sweep."""
+
+    clock = staticmethod(time.monotonic)
+
+    def __init__(self, log: EventLog):
+        self.log = log
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._running: dict[UUID, Generation] = {}
+        # Generations with text not yet in the database, written together every flush interval.
+        self._dirty: dict[UUID, Generation] = {}
+        self._flusher: asyncio.Task | None = None
+        self._housekeeper: asyncio.Task | None = None
+        # Counts batch writes, for the "writes per answer" benchmark and tests.
+        self.flush_count = 0
+
+    def start(self, request: GenerationRequest, *, provider: Provider) -> Generation:
+        """Start a generation as a task of this process; the message and its log must exist."""
+        self.ensure_housekeeping()
+        generation = Generation(request, provider=provider, manager=self)
+        generation.task = asyncio.create_task(generation.run(), name=f"generation-{request.message_id}")
+        self._running[request.message_id] = generation
+        generation.task.add_done_callback(lambda _: self._running.pop(request.message_id, None))
+        return generation
+
+    def mark_dirty(self, generation: Generation) -> None:
+        self._dirty[generation.message_id] = generation
+        flusher = self._flusher
+        if flusher is None or flusher.done():
+            self._flusher = asyncio.create_task(self._flush_soon(), name="generation-flush")
+
+    def forget_dirty(self, generation: Generation) -> None:
+        self._dirty.pop(generation.message_id, None)
+
+    async def _flush_soon(self) -> None:
+        """Wait one flush interval, then write every dirty partial answer in one transaction."""
+        await asyncio.sleep(chatbot_setting("FLUSH_INTERVAL"))
+        batch = {message_id: generation.text for message_id, generation in self._dirty.items()}
+        self._dirty.clear()
+        if batch:
+            try:
+                await _write_partials(batch)
+                self.flush_count += 1
+            except Exception:  # the database hiccuped: the next flush or the final save will catch up
+                logger.warning("flushing %d partial answer(s) failed", len(batch), exc_info=True)
+
+    def is_running(self, message_id: UUID) -> bool:
+        return message_id in self._running
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    async def stop(self, message_id: UUID, *, reason: str = "stopped") -> bool:
+        """Cancel a running generation and wait until its outcome is saved and logged."""
+        generation = self._running.get(message_id)
+        if generation is None or generation.task is None:
+            return False
+        if generation.cancel_reason is None:
+            generation.cancel_reason = reason
+            generation.task.cancel()
+        await asyncio.wait({generation.task})
+        return True
+
+    async def shutdown(self, *, grace: float | None = None) -> None:
+        """Let running answers finish for `grace` seconds, then save the rest as interrupted."""
+        grace = chatbot_setting("SHUTDOWN_GRACE") if grace is None else grace
+        tasks = {g.task for g in self._running.values() if g.task is not None}
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        await asyncio.gather(
+            *(self.stop(message_id, reason="interrupted") for message_id in list(self._running)),
+            return_exceptions=True,
+        )
+        for attribute in ("_flusher", "_housekeeper"):
+            task = getattr(self, attribute)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+                    await task
+                setattr(self, attribute, None)
+
+    def ensure_housekeeping(self) -> None:
+        loop = asyncio.get_running_loop()
+        task = self._housekeeper
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        self._housekeeper = loop.create_task(self._housekeeping(), name="generation-housekeeping")
+
+    async def _housekeeping(self) -> None:
+        """Every few seconds: tell the database our generations are alive; sweep orphans."""
+        period = max(chatbot_setting("ORPHAN_AFTER") / 3, 0.05)
+        while True:
+            try:
+                await self.heartbeat()
+                await sweep_orphans()
+            except Exception:
+                logger.warning("housekeeping failed", exc_info=True)
+            await asyncio.sleep(period)
+
+    async def heartbeat(self) -> None:
+        if self._running:
+            await Message.objects.filter(pk__in=list(self._running), status__in=Message.LIVE_STATUSES).aupdate(
+                heartbeat_at=timezone.now(), worker=self.worker_id
+            )
+
+
+@sync_to_async
+def _write_partials(batch: dict[UUID, str]) -> None:
+    now = timezone.now()
+    with transaction.atomic():
+        for message_id, text in batch.items():
+            # Only while live: a late flush must never overwrite a saved outcome.
+            Message.objects.filter(pk=message_id, status__in=Message.LIVE_STATUSES).update(
+                content=text, status=Status.STREAMING, heartbeat_at=now
+            )
+
+
+async def sweep_orphans(*, older_than: float | None = None) -> int:
+    """Mark live messages whose worker has not reported for a while as `interrupted`."""
+    older_than = chatbot_setting("ORPHAN_AFTER") if older_than is None else older_than
+    cutoff = timezone.now() - timedelta(seconds=older_than)
+    count = await Message.objects.filter(status__in=Message.LIVE_STATUSES, heartbeat_at__lt=cutoff).aupdate(
+        status=Status.INTERRUPTED,
+        error_code="interrupted",
+        error_message=INTERRUPTED_MESSAGE,
+        finish_reason="error",
+    )
+    if count:
+        logger.warning("marked %d orphaned answer(s) as interrupted", count)
+    return count
+
+
+_manager: GenerationManager | None = None
+
+
+def get_manager() -> GenerationManager:
+    """The process's generation manager, built on first use with the configured event log."""
+    global _manager
+    if _manager is None:
+        _manager = GenerationManager(InMemoryEventLog(ttl=chatbot_setting("EVENT_LOG_TTL")))
+    return _manager
+
+
+def reset_manager() -> None:
+    """Forget the manager and its logs (tests)."""
+    global _manager
+    _manager = None
+
+

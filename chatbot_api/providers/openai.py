@@ -1,0 +1,128 @@
+"""OpenAI chat completions, and every server that speaks its wire format.
+
+With `OPENAI_BASE_URL` the same code talks to Ollama, vLLM, llama.cpp's server or
+LM Studio. The `AsyncOpenAI` client is built on first use, never at import time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from functools import cached_property
+
+import openai
+from django.conf import settings
+
+from ..errors import ProviderError
+from .base import Chunk, Provider, Usage
+
+DEFAULT_MODEL = "gpt-4.1-nano"
+
+
+class OpenAIProvider(Provider):
+    name = "openai"
+    context_window = 128_000
+
+    def __init__(self, *, api_key: str, base_url: str | None, model_id: str, connect_timeout: float,
+                 max_retries: int):
+        self.api_key = api_key
+        self.base_url = base_url or None
+        self.model_id = model_id
+        self.connect_timeout = connect_timeout
+        self.max_retries = max_retries
+
+    @classmethod
+    def from_settings(cls) -> OpenAIProvider:
+        conf = settings.CHATBOT
+        return cls(
+            api_key=settings.OPENAI_API_KEY,
+            base_url=settings.OPENAI_BASE_URL,
+            model_id=conf["MODEL"] or DEFAULT_MODEL,
+            connect_timeout=conf["CONNECT_TIMEOUT"],
+            max_retries=conf.get("OPENAI_MAX_RETRIES", 1),
+        )
+
+    @cached_property
+    def client(self) -> openai.AsyncOpenAI:
+        # Only the connect limit lives here: time-to-first-token, idle gap and total
+        # duration are enforced by the generation loop, the same for every provider.
+        return openai.AsyncOpenAI(
+            api_key=self.api_key,
+            base_url=self.base_url,
+            timeout=openai.Timeout(None, connect=self.connect_timeout),
+            max_retries=self.max_retries,
+        )
+
+    async def stream(self, messages: list[dict], *, max_tokens: int, temperature: float) -> AsyncIterator[Chunk]:
+        try:
+            response = await self.client.chat.completions.create(
+                model=self.model_id,
+                messages=messages,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        except openai.APIError as exc:
+            raise _provider_error(exc) from exc
+        try:
+            async for chunk in response:
+                text, finish_reason = "", None
+                if chunk.choices:
+                    choice = chunk.choices[0]
+                    text = choice.delta.content or "" if choice.delta else ""
+                    finish_reason = choice.finish_reason
+                usage = None
+                if chunk.usage is not None:
+                    usage = Usage(chunk.usage.prompt_tokens or 0, chunk.usage.completion_tokens or 0)
+                if text or finish_reason or usage:
+                    yield Chunk(text=text, finish_reason=finish_reason, usage=usage)
+        except openai.APIError as exc:
+            raise _provider_error(exc) from exc
+        except (json.JSONDecodeError, ValueError, TypeError, AttributeError) as exc:
+            raise ProviderError(
+                f"The model server sent a malformed stream frame ({exc.__class__.__name__}).",
+                code="upstream_protocol",
+            ) from exc
+        finally:
+            # Closing the response ends the upstream request: on stop or timeout the
+            # model server sees the disconnect and stops generating.
+            await response.close()
+
+    async def aclose(self) -> None:
+        if "client" in self.__dict__:
+            await self.client.close()
+            del self.__dict__["client"]
+
+
+def _provider_error(exc: openai.APIError) -> ProviderError:
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderError(
+            "Could not connect to the model server in time (connect limit).",
+            code="timeout_connect", status_code=504, retryable=True,
+        )
+    if isinstance(exc, openai.APIConnectionError):
+        return ProviderError(
+            "Could not reach the model server, or it closed the connection mid-answer.",
+            code="upstream_unavailable", retryable=True,
+        )
+    if isinstance(exc, openai.RateLimitError):
+        return ProviderError(
+            "The model server is rate limiting us; try again in a moment.",
+            code="upstream_rate_limited", status_code=503, retryable=True,
+        )
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        return ProviderError(
+            "The model server refused our credentials: check OPENAI_API_KEY.", code="upstream_auth"
+        )
+    if isinstance(exc, openai.NotFoundError):
+        return ProviderError(
+            "The model server does not know this model: check CHATBOT_MODEL.", code="model_unavailable",
+            status_code=503,
+        )
+    if isinstance(exc, openai.APIStatusError):
+        return ProviderError(
+            f"The model server failed (HTTP {exc.status_code}).", code="upstream_error",
+            retryable=exc.status_code >= 500,
+        )
+    return ProviderError(f"The model server sent an error: {exc.message}", code="upstream_error")

@@ -1,0 +1,95 @@
+"""Reads: ownership-checked lookups of conversations and messages, and the model's context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import UUID
+
+from django.db.models import QuerySet
+
+from .errors import NotFound
+from .models import Conversation, Message
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who is asking: a signed-in user, or an anonymous browser session."""
+
+    user_id: int | None = None
+    session_key: str | None = None
+
+    def __post_init__(self):
+        if self.user_id is None and not self.session_key:
+            raise ValueError("an owner needs a user or a session key")
+
+    @property
+    def lookup(self) -> dict:
+        if self.user_id is not None:
+            return {"user_id": self.user_id}
+        return {"user__isnull": True, "session_key": self.session_key}
+
+    @property
+    def create_kwargs(self) -> dict:
+        if self.user_id is not None:
+            return {"user_id": self.user_id}
+        return {"session_key": self.session_key}
+
+    @property
+    def key(self) -> str:
+        """A stable identifier for rate limits and logs."""
+        return f"user:{self.user_id}" if self.user_id is not None else f"session:{self.session_key}"
+
+
+def _uuid(value) -> UUID | None:
+    if isinstance(value, UUID):
+        return value
+    try:
+        return UUID(str(value))
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def conversation_list(*, owner: Owner) -> QuerySet[Conversation]:
+    return Conversation.objects.filter(**owner.lookup).order_by("-updated_at")
+
+
+async def conversation_get(*, owner: Owner, conversation_id) -> Conversation:
+    """The owner's conversation, or `NotFound`: someone else's looks the same as a missing one."""
+    pk = _uuid(conversation_id)
+    conversation = pk and await Conversation.objects.filter(pk=pk, **owner.lookup).afirst()
+    if not conversation:
+        raise NotFound(
+            "Conversation not found: the session_id is unknown or belongs to someone else. "
+            "Omit session_id to start a new conversation.",
+            code="conversation_not_found",
+        )
+    return conversation
+
+
+async def message_get(*, owner: Owner, message_id) -> Message:
+    pk = _uuid(message_id)
+    lookup = {f"conversation__{key}": value for key, value in owner.lookup.items()}
+    message = pk and await Message.objects.filter(pk=pk, **lookup).select_related("conversation").afirst()
+    if not message:
+        raise NotFound("Message not found.", code="message_not_found")
+    return message
+
+
+def conversation_messages(*, conversation: Conversation) -> QuerySet[Message]:
+    return conversation.messages.order_by("created_at")
+
+
+async def conversation_context(*, conversation: Conversation, fits) -> list[dict]:
+    """The earlier turns to send to the model, newest kept first, as many as `fits` allows.
+
+    `fits(content)` answers whether one more message still fits the token budget (and
+    counts it if so); turns with no text (failed before the first token) are skipped.
+    """
+    turns: list[dict] = []
+    query = conversation.messages.exclude(content="").order_by("-created_at").values_list("role", "content")
+    async for role, content in query:
+        if not fits(content):
+            break
+        turns.append({"role": role, "content": content})
+    turns.reverse()
+    return turns

@@ -1,0 +1,231 @@
+"""Business logic: start an answer, follow its events, stop it; manage conversations.
+
+Views and consumers are thin wrappers around these functions. Every transport
+(JSON, SSE, NDJSON, WebSocket) starts answers with `chat_start()` and reads them
+with `follow_events()`: one flow, several views of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from asgiref.sync import sync_to_async
+from django.db import transaction
+from django.utils import timezone
+
+from . import events as ev
+from .conf import chatbot_setting
+from .eventlog import KEEPALIVE, LogNotFound
+from .generation import GenerationRequest, get_manager, terminal_event
+from .models import Conversation, Message
+from .providers import Provider, get_provider
+from .selectors import Owner, conversation_context, conversation_get, message_get
+
+Status = Message.Status
+# Chat-template overhead of one message (role markers, separators), in tokens.
+MESSAGE_OVERHEAD_TOKENS = 4
+TITLE_LENGTH = 60
+
+
+@dataclass(slots=True)
+class Turn:
+    conversation: Conversation
+    user_message: Message
+    assistant_message: Message
+
+
+async def chat_start(*, owner: Owner, text: str, session_id: str | None = None) -> Turn:
+    """Save the user's message, create the answer and start generating it in the background.
+
+    Returns at once; the answer's events are read with `follow_events()`. Raises
+    `NotFound` for a `session_id` the owner does not have.
+    """
+    provider = get_provider()
+    conversation = await conversation_get(owner=owner, conversation_id=session_id) if session_id else None
+    prompt = await build_prompt(provider=provider, conversation=conversation, text=text)
+    conversation, user_message, assistant_message = await _create_turn(
+        owner=owner, conversation=conversation, text=text, provider=provider
+    )
+    manager = get_manager()
+    await manager.log.open(assistant_message.id)
+    manager.start(
+        GenerationRequest(
+            message_id=assistant_message.id,
+            conversation_id=conversation.id,
+            prompt=prompt,
+            max_tokens=chatbot_setting("MAX_TOKENS"),
+            temperature=chatbot_setting("TEMPERATURE"),
+        ),
+        provider=provider,
+    )
+    return Turn(conversation, user_message, assistant_message)
+
+
+async def build_prompt(*, provider: Provider, conversation: Conversation | None, text: str) -> list[dict]:
+    """System prompt, as much recent history as the token budget allows, and the new message."""
+    system_prompt = chatbot_setting("SYSTEM_PROMPT")
+    count = provider.count_tokens
+    budget = chatbot_setting("HISTORY_TOKENS") or (
+        provider.context_window
+        - chatbot_setting("MAX_TOKENS")
+        - count(system_prompt)
+        - count(text)
+        - 3 * MESSAGE_OVERHEAD_TOKENS
+    )
+    remaining = budget
+
+    def fits(content: str) -> bool:
+        nonlocal remaining
+        cost = count(content) + MESSAGE_OVERHEAD_TOKENS
+        if cost > remaining:
+            return False
+        remaining -= cost
+        return True
+
+    history = await conversation_context(conversation=conversation, fits=fits) if conversation else []
+    prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*prompt, *history, {"role": "user", "content": text}]
+
+
+@sync_to_async
+def _create_turn(*, owner: Owner, conversation: Conversation | None, text: str, provider: Provider):
+    now = timezone.now()
+    with transaction.atomic():
+        if conversation is None:
+            conversation = Conversation.objects.create(title=_title(text), **owner.create_kwargs)
+        else:
+            Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
+        user_message = Message.objects.create(
+            conversation=conversation, role=Message.Role.USER, content=text, status=Status.COMPLETE
+        )
+        assistant_message = Message.objects.create(
+            conversation=conversation,
+            role=Message.Role.ASSISTANT,
+            status=Status.PENDING,
+            provider=provider.name,
+            model=provider.model_id,
+            worker=get_manager().worker_id,
+            heartbeat_at=now,
+        )
+    return conversation, user_message, assistant_message
+
+
+def _title(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= TITLE_LENGTH else line[: TITLE_LENGTH - 1].rstrip() + "…"
+
+
+async def follow_events(*, message: Message, after: int = 0) -> AsyncIterator:
+    """The message's events after `after`, live until the terminal one; `KEEPALIVE` when idle.
+
+    With `CANCEL_ON_DISCONNECT`, a reader that leaves before the end stops the answer.
+    """
+    finished = False
+    try:
+        async for item in _message_events(message=message, after=after):
+            if item is not KEEPALIVE and item.is_terminal:
+                finished = True
+            yield item
+    finally:
+        if not finished and chatbot_setting("CANCEL_ON_DISCONNECT"):
+            # Not awaited: we may be inside a cancellation; the stop saves the partial text.
+            asyncio.ensure_future(get_manager().stop(message.id))
+
+
+async def _message_events(*, message: Message, after: int) -> AsyncIterator:
+    log = get_manager().log
+    try:
+        async for item in log.read(message.id, after=after, keepalive=chatbot_setting("KEEPALIVE_INTERVAL")):
+            yield item
+        return
+    except LogNotFound:
+        pass
+    # No log in this process (expired, or the server restarted): rebuild from the database.
+    await message.arefresh_from_db()
+    for event in stored_events(message, after=after):
+        yield event
+
+
+def stored_events(message: Message, *, after: int = 0) -> list[ev.Event]:
+    """Events rebuilt from a saved message whose log is gone.
+
+    From the start (`after=0`) that is meta, the whole text as one delta, usage and
+    the terminal event. A client that had already read part of the original log
+    only gets the terminal event: its text is at least as long as what was saved.
+    """
+    if message.is_live:
+        # Live in the database with no log here: its worker is gone; the sweep will mark it.
+        outcome = {"status": Status.INTERRUPTED, "code": "interrupted"}
+    else:
+        outcome = {
+            "status": message.status,
+            "finish_reason": message.finish_reason,
+            "code": message.error_code,
+            "message": message.error_message,
+            "retryable": message.status == Status.INTERRUPTED,
+        }
+    items: list[tuple[str, dict]] = [
+        (
+            ev.META,
+            {
+                "session_id": str(message.conversation_id),
+                "message_id": str(message.id),
+                "model": message.model,
+                "provider": message.provider,
+            },
+        )
+    ]
+    if message.content:
+        items.append((ev.DELTA, {"text": message.content}))
+    if message.prompt_tokens is not None:
+        items.append(
+            (
+                ev.USAGE,
+                {
+                    "prompt_tokens": message.prompt_tokens,
+                    "completion_tokens": message.completion_tokens or 0,
+                    "estimated": message.tokens_estimated,
+                },
+            )
+        )
+    items.append(terminal_event(outcome))
+    events = [ev.Event.create(seq, kind, data, message.id) for seq, (kind, data) in enumerate(items, 1)]
+    if after <= 0:
+        return events
+    terminal = events[-1]
+    return [ev.Event.create(max(after + 1, terminal.seq), terminal.type, terminal.data, message.id)]
+
+
+async def message_stop(*, owner: Owner, message_id) -> Message:
+    """Stop an answer: cancel the generation and its upstream request, keep the partial text.
+
+    Idempotent: stopping a finished answer changes nothing and returns it as it is.
+    """
+    message = await message_get(owner=owner, message_id=message_id)
+    if not await get_manager().stop(message.id) and message.is_live:
+        # Live in the database but no generation here: its worker died. Close it as stopped.
+        await Message.objects.filter(pk=message.pk, status__in=Message.LIVE_STATUSES).aupdate(
+            status=Status.STOPPED, finish_reason="stopped"
+        )
+    await message.arefresh_from_db()
+    return message
+
+
+async def conversation_rename(*, owner: Owner, conversation_id, title: str) -> Conversation:
+    conversation = await conversation_get(owner=owner, conversation_id=conversation_id)
+    conversation.title = title
+    await conversation.asave(update_fields=["title", "updated_at"])
+    return conversation
+
+
+async def conversation_delete(*, owner: Owner, conversation_id) -> None:
+    """Delete a conversation, stopping any answer still being written in it."""
+    conversation = await conversation_get(owner=owner, conversation_id=conversation_id)
+    manager = get_manager()
+    async for message_id in conversation.messages.filter(status__in=Message.LIVE_STATUSES).values_list(
+        "pk", flat=True
+    ):
+        await manager.stop(message_id)
+    await conversation.adelete()

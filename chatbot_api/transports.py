@@ -1,0 +1,77 @@
+"""Thin views of one event stream: SSE, NDJSON and the seed's assembled JSON.
+
+Each function takes the async iterator from `services.follow_events()` and only
+changes the framing. Under ASGI every chunk is handed to the server as soon as it
+is produced: the iterators are async, nothing buffers, and SSE is never compressed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from django.http import StreamingHttpResponse
+from rest_framework.renderers import BaseRenderer, JSONRenderer
+
+from .events import Answer, Event
+from .eventlog import KEEPALIVE
+
+SSE_CONTENT_TYPE = "text/event-stream"
+NDJSON_CONTENT_TYPE = "application/x-ndjson"
+# Sent first: tells EventSource to reconnect after one second instead of its default three.
+SSE_PREAMBLE = b"retry: 1000\n\n"
+SSE_KEEPALIVE = b": keep-alive\n\n"
+NDJSON_KEEPALIVE = b"\n"
+
+
+def sse_encode(event: Event) -> bytes:
+    return f"id: {event.seq}\nevent: {event.type}\ndata: {event.json}\n\n".encode()
+
+
+async def _sse(events: AsyncIterator) -> AsyncIterator[bytes]:
+    yield SSE_PREAMBLE
+    async for item in events:
+        yield SSE_KEEPALIVE if item is KEEPALIVE else sse_encode(item)
+
+
+async def _ndjson(events: AsyncIterator) -> AsyncIterator[bytes]:
+    async for item in events:
+        yield NDJSON_KEEPALIVE if item is KEEPALIVE else (item.json + "\n").encode()
+
+
+def _streaming_response(body: AsyncIterator[bytes], content_type: str) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(body, content_type=content_type)
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass each chunk through at once
+    return response
+
+
+def sse_response(events: AsyncIterator) -> StreamingHttpResponse:
+    return _streaming_response(_sse(events), SSE_CONTENT_TYPE)
+
+
+def ndjson_response(events: AsyncIterator) -> StreamingHttpResponse:
+    return _streaming_response(_ndjson(events), NDJSON_CONTENT_TYPE)
+
+
+async def collect(events: AsyncIterator) -> Answer:
+    """Read the stream to its terminal event and assemble the answer (the JSON transport)."""
+    answer = Answer()
+    async for item in events:
+        if item is not KEEPALIVE:
+            answer.add(item)
+    return answer
+
+
+class EventStreamRenderer(BaseRenderer):
+    """Lets DRF's content negotiation accept `text/event-stream`; streams bypass rendering."""
+
+    media_type = SSE_CONTENT_TYPE
+    format = "sse"
+
+    def render(self, data, accepted_media_type=None, renderer_context=None):
+        return JSONRenderer().render(data)
+
+
+class NDJSONRenderer(EventStreamRenderer):
+    media_type = NDJSON_CONTENT_TYPE
+    format = "ndjson"

@@ -1,0 +1,14 @@
+from django.urls import path
+from drf_spectacular.views import SpectacularAPIView
+
+from . import views
+
+urlpatterns = [
+    path("chat/", views.ChatView.as_view(), name="chat"),
+    path("messages/<str:message_id>", views.MessageDetailView.as_view(), name="message-detail"),
+    path("messages/<str:message_id>/events", views.MessageEventsView.as_view(), name="message-events"),
+    path("messages/<str:message_id>/stop", views.MessageStopView.as_view(), name="message-stop"),
+    path("conversations/", views.ConversationListView.as_view(), name="conversation-list"),
+    path("conversations/<str:session_id>", views.ConversationDetailView.as_view(), name="conversation-detail"),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+]

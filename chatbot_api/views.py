@@ -1,0 +1,181 @@
+"""HTTP API: thin views that validate, call one service, and pick a transport."""
+
+from __future__ import annotations
+
+from adrf.views import APIView as AsyncAPIView
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import status
+from rest_framework.renderers import JSONRenderer
+from rest_framework.response import Response
+
+from . import selectors, services, transports
+from .errors import ChatbotError, status_for_code
+from .identity import owner_for
+from .models import Message
+from .serializers import (
+    ChatRequestSerializer,
+    ChatResponseSerializer,
+    ConversationDetailSerializer,
+    ConversationSerializer,
+    ConversationUpdateSerializer,
+    MessageSerializer,
+    StopResponseSerializer,
+)
+
+EVENTS_DESCRIPTION = (
+    "Events are JSON objects with `type`, `seq` and `message_id`: `meta`, `delta` {text}, `usage`, then "
+    "exactly one terminal `done` {status, finish_reason} or `error` {code, message, retryable}. "
+    "See docs/streaming.md."
+)
+
+
+class ApiView(AsyncAPIView):
+    """Base of the API views: errors are always JSON, whatever the client asked to receive."""
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        if isinstance(response, Response) and response.status_code >= 400:
+            request.accepted_renderer = JSONRenderer()
+            request.accepted_media_type = JSONRenderer.media_type
+        return super().finalize_response(request, response, *args, **kwargs)
+
+
+class ChatView(ApiView):
+    renderer_classes = [JSONRenderer, transports.EventStreamRenderer, transports.NDJSONRenderer]
+
+    @extend_schema(
+        request=ChatRequestSerializer,
+        responses={
+            200: OpenApiResponse(
+                ChatResponseSerializer,
+                description=(
+                    "With `Accept: application/json` (default) the assembled answer. With "
+                    "`Accept: text/event-stream` the answer as Server-Sent Events (`event:` type, `id:` "
+                    "seq, `data:` JSON); with `Accept: application/x-ndjson` one JSON event per line. "
+                    + EVENTS_DESCRIPTION
+                ),
+            ),
+            400: OpenApiResponse(description="Invalid input: `{success: false, error, code, details}`."),
+            404: OpenApiResponse(description="Unknown `session_id`."),
+            502: OpenApiResponse(description="The model server failed; the message is saved as failed."),
+            504: OpenApiResponse(description="A generation time limit was hit."),
+        },
+    )
+    async def post(self, request):
+        """Send a message; get the answer assembled (JSON) or streamed (SSE / NDJSON)."""
+        serializer = ChatRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        owner = await owner_for(request)
+        turn = await services.chat_start(owner=owner, text=data["message"], session_id=data.get("session_id"))
+        events = services.follow_events(message=turn.assistant_message)
+        transport = request.accepted_renderer.format
+        if transport == "sse":
+            return transports.sse_response(events)
+        if transport == "ndjson":
+            return transports.ndjson_response(events)
+        answer = await transports.collect(events)
+        body = {
+            "response": answer.text,
+            "session_id": str(turn.conversation.id),
+            "message_id": str(turn.assistant_message.id),
+            "success": answer.terminal.type == "done",
+            "is_streaming": data["streaming"],
+            "is_final": True,
+            "status": answer.terminal.data.get("status", Message.Status.FAILED),
+            "model": answer.meta.get("model", ""),
+            "provider": answer.meta.get("provider", ""),
+            "usage": answer.usage,
+        }
+        if answer.terminal.type == "error":
+            terminal = answer.terminal.data
+            body.update(error=terminal["message"], code=terminal["code"], retryable=terminal["retryable"])
+            body["status"] = "interrupted" if terminal["code"] == "interrupted" else Message.Status.FAILED
+            return Response(body, status=status_for_code(terminal["code"]))
+        return Response(body)
+
+
+def _after_from(request) -> int:
+    raw = request.headers.get("Last-Event-ID") or request.query_params.get("after") or "0"
+    try:
+        after = int(raw)
+    except ValueError:
+        after = -1
+    if after < 0:
+        raise ChatbotError("`after` / Last-Event-ID must be a non-negative integer.", code="invalid")
+    return after
+
+
+class MessageEventsView(ApiView):
+    renderer_classes = [transports.EventStreamRenderer, JSONRenderer]
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("after", int, description="Resume after this sequence number (default 0)."),
+            OpenApiParameter(
+                "Last-Event-ID", str, OpenApiParameter.HEADER,
+                description="Sent by EventSource on reconnect; wins over `after`.",
+            ),
+        ],
+        responses={200: OpenApiResponse(description="text/event-stream. " + EVENTS_DESCRIPTION)},
+    )
+    async def get(self, request, message_id):
+        """Replay a message's events after an offset, then follow it live to its terminal event."""
+        after = _after_from(request)
+        message = await selectors.message_get(owner=await owner_for(request), message_id=message_id)
+        return transports.sse_response(services.follow_events(message=message, after=after))
+
+
+class MessageDetailView(ApiView):
+    @extend_schema(responses=MessageSerializer)
+    async def get(self, request, message_id):
+        """One message with its status, text so far and generation facts."""
+        message = await selectors.message_get(owner=await owner_for(request), message_id=message_id)
+        return Response(MessageSerializer(message).data)
+
+
+class MessageStopView(ApiView):
+    @extend_schema(request=None, responses=StopResponseSerializer)
+    async def post(self, request, message_id):
+        """Stop an answer: the model stops, the partial text is kept as `stopped`. Idempotent."""
+        message = await services.message_stop(owner=await owner_for(request), message_id=message_id)
+        return Response(
+            {"success": True, "message_id": str(message.id), "status": message.status, "response": message.content}
+        )
+
+
+class ConversationListView(ApiView):
+    @extend_schema(responses=ConversationSerializer(many=True))
+    async def get(self, request):
+        """The caller's conversations, newest first."""
+        owner = await owner_for(request)
+        conversations = [c async for c in selectors.conversation_list(owner=owner)[:200]]
+        return Response(ConversationSerializer(conversations, many=True).data)
+
+
+class ConversationDetailView(ApiView):
+    @extend_schema(responses=ConversationDetailSerializer)
+    async def get(self, request, session_id):
+        """A conversation with its messages."""
+        conversation = await selectors.conversation_get(owner=await owner_for(request), conversation_id=session_id)
+        messages = [m async for m in selectors.conversation_messages(conversation=conversation)]
+        data = ConversationSerializer(conversation).data
+        data["messages"] = MessageSerializer(messages, many=True).data
+        return Response(data)
+
+    @extend_schema(request=ConversationUpdateSerializer, responses=ConversationSerializer)
+    async def patch(self, request, session_id):
+        """Rename a conversation."""
+        serializer = ConversationUpdateSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        conversation = await services.conversation_rename(
+            owner=await owner_for(request), conversation_id=session_id, title=serializer.validated_data["title"]
+        )
+        return Response(ConversationSerializer(conversation).data)
+
+    @extend_schema(responses={204: None})
+    async def delete(self, request, session_id):
+        """Delete a conversation and its messages (a running answer is stopped first)."""
+        await services.conversation_delete(owner=await owner_for(request), conversation_id=session_id)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+

@@ -1,0 +1,77 @@
+"""Shared fixtures: a fake OpenAI server on loopback, settings pointing at it, the ASGI app."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, Script
+
+
+@pytest.fixture(scope="session")
+def fake_server():
+    with FakeOpenAIServer(FakeOpenAI()) as server:
+        yield server
+
+
+@pytest.fixture
+def upstream(fake_server, settings):
+    """The fake OpenAI server, reset, with the chatbot's `openai` provider pointed at it."""
+    fake_server.fake.reset()
+    fake_server.fake.default = Script()
+    settings.OPENAI_API_KEY = "sk-test-not-a-real-key"
+    settings.OPENAI_BASE_URL = fake_server.url
+    settings.CHATBOT = {**settings.CHATBOT, "PROVIDER": "openai", "MODEL": "gpt-4.1-nano", "OPENAI_MAX_RETRIES": 0}
+    yield fake_server.fake
+    fake_server.fake.abort_streams()
+
+
+@pytest.fixture
+def chatbot_settings(settings):
+    """Change CHATBOT settings for one test: `chatbot_settings(IDLE_TIMEOUT=0.2)`."""
+
+    def update(**values):
+        settings.CHATBOT = {**settings.CHATBOT, **values}
+
+    return update
+
+
+@pytest.fixture(autouse=True)
+def fresh_manager():
+    """Every test gets its own generation manager and event logs."""
+    from chatbot_api.generation import reset_manager
+    from chatbot_api.providers import reset_provider
+
+    reset_manager()
+    reset_provider()
+    yield
+    reset_manager()
+    reset_provider()
+
+
+@pytest.fixture
+async def manager(fresh_manager):
+    """The generation manager, shut down (answers saved) when the test ends."""
+    from chatbot_api.generation import get_manager
+
+    manager = get_manager()
+    yield manager
+    await manager.shutdown(grace=2)
+
+
+def parse_sse(raw: bytes) -> list[dict]:
+    """Split an SSE byte stream into frames: {"event", "id", "data" (parsed JSON)}; comments skipped."""
+    frames = []
+    for block in raw.decode().split("\n\n"):
+        fields: dict = {}
+        for line in block.split("\n"):
+            if not line or line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+        if "data" in fields:
+            fields["data"] = json.loads(fields["data"])
+            frames.append(fields)
+    return frames

@@ -1,0 +1,203 @@
+"""POST /api/chat/ with JSON clients: the seed's contract, validation, errors, history."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import AsyncClient
+
+from chatbot_api.models import Conversation, Message
+from tests.support.fake_openai import Script
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
+
+
+async def post_chat(client: AsyncClient, body, **headers):
+    return await client.post("/api/chat/", body, content_type="application/json", **headers)
+
+
+async def test_answer_is_assembled_and_saved(upstream, manager):
+    upstream.enqueue(Script(chunks=["Ciao", ", come", " stai?"], usage={"prompt_tokens": 21, "completion_tokens": 3}))
+    client = AsyncClient()
+
+    response = await post_chat(client, {"message": "Hello"})
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["success"] is True
+    assert body["response"] == "Ciao, come stai?"
+    assert body["is_streaming"] is False and body["is_final"] is True
+    assert body["usage"] == {"prompt_tokens": 21, "completion_tokens": 3, "estimated": False}
+    message = await Message.objects.aget(pk=body["message_id"])
+    assert message.status == "complete" and message.content == "Ciao, come stai?"
+    assert (message.provider, message.model) == ("openai", "gpt-4.1-nano")
+    assert (message.prompt_tokens, message.completion_tokens, message.tokens_estimated) == (21, 3, False)
+    assert message.ttft_ms is not None and message.duration_ms >= message.ttft_ms
+    assert str(message.conversation_id) == body["session_id"]
+    request = upstream.history[-1]
+    assert request.body["stream"] is True and request.body["stream_options"] == {"include_usage": True}
+    assert request.body["max_tokens"] == 150
+    assert request.messages[-1] == {"role": "user", "content": "Hello"}
+
+
+async def test_streaming_flag_keeps_the_seed_behaviour(upstream, manager):
+    response = await post_chat(AsyncClient(), {"message": "Hi", "streaming": True})
+
+    body = response.json()
+    assert response.status_code == 200
+    assert body["is_streaming"] is True and body["is_final"] is True
+    assert body["response"] == "Hello world!"
+
+
+async def test_missing_usage_is_estimated_and_marked(upstream, manager):
+    upstream.enqueue(Script(chunks=["one two three"], send_usage=False))
+
+    body = (await post_chat(AsyncClient(), {"message": "count"})).json()
+
+    assert body["usage"]["estimated"] is True
+    assert body["usage"]["completion_tokens"] > 0
+    message = await Message.objects.aget(pk=body["message_id"])
+    assert message.tokens_estimated is True
+
+
+async def test_known_session_continues_with_history_as_context(upstream, manager):
+    client = AsyncClient()
+    upstream.enqueue(Script(chunks=["First answer"]))
+    first = (await post_chat(client, {"message": "First question"})).json()
+
+    upstream.enqueue(Script(chunks=["Second answer"]))
+    second = await post_chat(client, {"message": "Second question", "session_id": first["session_id"]})
+
+    assert second.status_code == 200
+    assert second.json()["session_id"] == first["session_id"]
+    sent = upstream.history[-1].messages
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
+    assert [m["content"] for m in sent[1:]] == ["First question", "First answer", "Second question"]
+    assert await Message.objects.filter(conversation_id=first["session_id"]).acount() == 4
+
+
+async def test_history_is_trimmed_to_the_token_budget(upstream, manager, chatbot_settings):
+    chatbot_settings(HISTORY_TOKENS=60)
+    client = AsyncClient()
+    session_id = None
+    for n in range(6):
+        upstream.enqueue(Script(chunks=[f"answer {n} " + "x" * 60]))
+        body = {"message": f"question {n} " + "y" * 60}
+        if session_id:
+            body["session_id"] = session_id
+        session_id = (await post_chat(client, body)).json()["session_id"]
+
+    upstream.enqueue(Script(chunks=["ok"]))
+    await post_chat(client, {"message": "last", "session_id": session_id})
+
+    sent = upstream.history[-1].messages
+    history = sent[1:-1]
+    assert 0 < len(history) < 12, "older turns must be dropped"
+    assert history[-1]["content"].startswith("answer 5"), "the newest turns are kept"
+    assert sum(len(m["content"]) // 4 + 1 + 4 for m in history) <= 60
+    assert sent[-1]["content"] == "last"
+
+
+async def test_unknown_session_is_404_and_creates_nothing(upstream, manager):
+    for session_id in ["00000000-0000-0000-0000-000000000000", "not-a-uuid"]:
+        response = await post_chat(AsyncClient(), {"message": "Hi", "session_id": session_id})
+        assert response.status_code == 404
+        body = response.json()
+        assert body["success"] is False and body["code"] == "conversation_not_found"
+        assert "session_id" in body["error"]
+    assert await Conversation.objects.acount() == 0
+    assert upstream.history == []
+
+
+async def test_another_browser_session_cannot_continue_a_conversation(upstream, manager):
+    first = (await post_chat(AsyncClient(), {"message": "mine"})).json()
+
+    response = await post_chat(AsyncClient(), {"message": "yours?", "session_id": first["session_id"]})
+
+    assert response.status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "message"),
+        ({"message": ""}, "message"),
+        ({"message": "   "}, "message"),
+        ({"message": "x" * 1001}, "message"),
+        ({"message": 42}, "message"),
+        ({"message": ["a"]}, "message"),
+        ({"message": None}, "message"),
+        ({"message": "ok", "session_id": "s" * 101}, "session_id"),
+        ({"message": "ok", "session_id": 7}, "session_id"),
+        ({"message": "ok", "streaming": "maybe"}, "streaming"),
+        ({"message": "ok", "streaming": [True]}, "streaming"),
+    ],
+)
+async def test_invalid_input_gets_the_error_shape(upstream, manager, body, field):
+    response = await post_chat(AsyncClient(), body)
+
+    assert response.status_code == 400
+    data = response.json()
+    assert data["success"] is False and data["code"] == "invalid"
+    assert field in data["details"] and data["error"].startswith(field)
+    assert upstream.history == [] and await Message.objects.acount() == 0
+
+
+async def test_limits_are_inclusive(upstream, manager):
+    response = await post_chat(AsyncClient(), {"message": "x" * 1000, "session_id": ""})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type", "status"),
+    [
+        (b"", "application/json", 400),
+        (b"{not json", "application/json", 400),
+        (b"[1, 2]", "application/json", 400),
+        (b"message=hi", "application/x-www-form-urlencoded", 415),
+        (b'{"message": "' + b"x" * 70_000 + b'"}', "application/json", 413),
+    ],
+)
+async def test_malformed_bodies_get_the_error_shape(upstream, manager, raw, content_type, status):
+    response = await AsyncClient().generic("POST", "/api/chat/", raw, content_type=content_type)
+
+    assert response.status_code == status
+    assert response["Content-Type"] == "application/json"
+    data = response.json()
+    assert data["success"] is False and data["error"] and data["code"]
+
+
+@pytest.mark.parametrize(
+    ("script", "status", "code", "partial"),
+    [
+        (Script(status=500), 502, "upstream_error", ""),
+        (Script(status=429), 503, "upstream_rate_limited", ""),
+        (Script(status=401), 502, "upstream_auth", ""),
+        (Script(chunks=["a", "b", "c"], malformed_after=2), 502, "upstream_protocol", "ab"),
+        (Script(chunks=["a", "b", "c"], drop_after=2), 502, "upstream_unavailable", "ab"),
+        (Script(chunks=["a", "b", "c"], error_frame_after=1), 502, "upstream_error", "a"),
+    ],
+)
+async def test_upstream_failures_keep_the_message_as_failed(upstream, manager, script, status, code, partial):
+    upstream.enqueue(script)
+    client = AsyncClient()
+    await client.get("/")  # the page starts the browser session that owns the conversation
+
+    response = await post_chat(client, {"message": "will fail"})
+
+    assert response.status_code == status
+    body = response.json()
+    assert body["success"] is False and body["code"] == code and body["error"]
+    assert body["response"] == partial and body["status"] == "failed"
+    user, assistant = [m async for m in Message.objects.order_by("created_at")]
+    assert (user.role, user.content, user.status) == ("user", "will fail", "complete")
+    assert (assistant.status, assistant.content, assistant.error_code) == ("failed", partial, code)
+    # The conversation is intact: the next message continues it.
+    upstream.enqueue(Script(chunks=["fine"]))
+    again = await post_chat(client, {"message": "retry", "session_id": body["session_id"]})
+    assert again.status_code == 200 and again.json()["response"] == "fine"
+
+
+async def test_unknown_api_url_is_json_404():
+    response = await AsyncClient().get("/api/nope/")
+    assert response.status_code == 404
+    assert response.json() == {"success": False, "error": "Not found.", "code": "not_found"}
