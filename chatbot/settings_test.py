@@ -9,3 +9,8 @@ os.environ.pop("OPENAI_API_KEY", None)
 from chatbot.settings import *  # noqa: E402,F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# No collectstatic in tests: serve the apps' static folders as they are.
+STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"}}  # noqa: F405
+SERVESTATIC_USE_FINDERS = True
+SERVESTATIC_AUTOREFRESH = True

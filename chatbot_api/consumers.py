@@ -89,9 +89,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             del self.followers[message_id]
 
     async def _pump(self, message, after: int) -> None:
-        async for item in services.follow_events(message=message, after=after):
-            if item is not KEEPALIVE:  # WebSocket servers ping at the protocol level
-                await self.send(text_data=item.json)
+        async with contextlib.aclosing(services.follow_events(message=message, after=after)) as events:
+            async for item in events:
+                if item is not KEEPALIVE:  # WebSocket servers ping at the protocol level
+                    await self.send(text_data=item.json)
 
     async def _send_error(self, content: dict, error: Exception) -> None:
         response = api_exception_handler(error, {})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import socket
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from uuid import UUID
 
-from asgiref.sync import sync_to_async
-from django.db import transaction
+from concurrent.futures import ThreadPoolExecutor
+
+from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from . import events as ev
@@ -179,7 +181,7 @@ class Generation:
                 completion_tokens=usage.completion_tokens,
                 tokens_estimated=usage.estimated,
             )
-        await _save_outcome(self.message_id, fields)
+        await self.manager.save_outcome(self.message_id, fields)
         if usage is not None:
             await self.log.append(
                 self.message_id,
@@ -225,15 +227,34 @@ def terminal_event(outcome: dict) -> tuple[str, dict]:
     }
 
 
-async def _save_outcome(message_id: UUID, fields: dict) -> None:
-    # The outcome must reach the database even if the database blinked: retry briefly.
-    for attempt in range(3):
-        try:
-            await Message.objects.filter(pk=message_id).aupdate(**fields)
-            return
-        except Exception:
-            logger.warning("saving message %s failed (attempt %d)", message_id, attempt + 1, exc_info=True)
-            await asyncio.sleep(0.2 * (attempt + 1))
+class DatabaseThread:
+    """One thread, with its own connection, for every write the generations make.
+
+    The writes are few (batched flushes, outcomes, heartbeats) and must never wait
+    behind a request's thread or deadlock with it, so they do not share asgiref's
+    thread-sensitive executor; one thread also keeps SQLite writers in a single file.
+    """
+
+    def __init__(self):
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def run(self, function, /, *args):
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatbot-db")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _in_connection, function, *args)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+
+def _in_connection(function, *args):
+    close_old_connections()  # drop a connection the database closed or that outlived CONN_MAX_AGE
+    try:
+        return function(*args)
+    finally:
+        close_old_connections()
 
 
 class GenerationManager:
@@ -243,6 +264,7 @@ class GenerationManager:
 
     def __init__(self, log: EventLog):
         self.log = log
+        self.db = DatabaseThread()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._running: dict[UUID, Generation] = {}
         # Generations with text not yet in the database, written together every flush interval.
@@ -256,7 +278,7 @@ class GenerationManager:
         """Start a generation as a task of this process; the message and its log must exist."""
         self.ensure_housekeeping()
         generation = Generation(request, provider=provider, manager=self)
-        generation.task = asyncio.create_task(generation.run(), name=f"generation-{request.message_id}")
+        generation.task = _detached_task(generation.run(), name=f"generation-{request.message_id}")
         self._running[request.message_id] = generation
         generation.task.add_done_callback(lambda _: self._running.pop(request.message_id, None))
         return generation
@@ -265,7 +287,7 @@ class GenerationManager:
         self._dirty[generation.message_id] = generation
         flusher = self._flusher
         if flusher is None or flusher.done():
-            self._flusher = asyncio.create_task(self._flush_soon(), name="generation-flush")
+            self._flusher = _detached_task(self._flush_soon(), name="generation-flush")
 
     def forget_dirty(self, generation: Generation) -> None:
         self._dirty.pop(generation.message_id, None)
@@ -277,10 +299,20 @@ class GenerationManager:
         self._dirty.clear()
         if batch:
             try:
-                await _write_partials(batch)
+                await self.db.run(_write_partials, batch)
                 self.flush_count += 1
             except Exception:  # the database hiccuped: the next flush or the final save will catch up
                 logger.warning("flushing %d partial answer(s) failed", len(batch), exc_info=True)
+
+    async def save_outcome(self, message_id: UUID, fields: dict) -> None:
+        """Write an answer's outcome; retried briefly, since losing it would lose the answer."""
+        for attempt in range(3):
+            try:
+                await self.db.run(_save_outcome, message_id, fields)
+                return
+            except Exception:
+                logger.warning("saving message %s failed (attempt %d)", message_id, attempt + 1, exc_info=True)
+                await asyncio.sleep(0.2 * (attempt + 1))
 
     def is_running(self, message_id: UUID) -> bool:
         return message_id in self._running
@@ -300,6 +332,11 @@ class GenerationManager:
         await asyncio.wait({generation.task})
         return True
 
+    def stop_soon(self, message_id: UUID) -> None:
+        """Stop without waiting (from a reader that is itself being cancelled)."""
+        if message_id in self._running:
+            _detached_task(self.stop(message_id), name=f"stop-{message_id}")
+
     async def shutdown(self, *, grace: float | None = None) -> None:
         """Let running answers finish for `grace` seconds, then save the rest as interrupted."""
         grace = chatbot_setting("SHUTDOWN_GRACE") if grace is None else grace
@@ -317,13 +354,14 @@ class GenerationManager:
                 with contextlib.suppress(asyncio.CancelledError, RuntimeError):
                     await task
                 setattr(self, attribute, None)
+        self.db.close()
 
     def ensure_housekeeping(self) -> None:
         loop = asyncio.get_running_loop()
         task = self._housekeeper
         if task is not None and not task.done() and task.get_loop() is loop:
             return
-        self._housekeeper = loop.create_task(self._housekeeping(), name="generation-housekeeping")
+        self._housekeeper = _detached_task(self._housekeeping(), name="generation-housekeeping")
 
     async def _housekeeping(self) -> None:
         """Every few seconds: tell the database our generations are alive; sweep orphans."""
@@ -331,19 +369,26 @@ class GenerationManager:
         while True:
             try:
                 await self.heartbeat()
-                await sweep_orphans()
+                await self.db.run(_sweep_orphans, chatbot_setting("ORPHAN_AFTER"))
             except Exception:
                 logger.warning("housekeeping failed", exc_info=True)
             await asyncio.sleep(period)
 
     async def heartbeat(self) -> None:
         if self._running:
-            await Message.objects.filter(pk__in=list(self._running), status__in=Message.LIVE_STATUSES).aupdate(
-                heartbeat_at=timezone.now(), worker=self.worker_id
-            )
+            await self.db.run(_heartbeat, list(self._running), self.worker_id)
 
 
-@sync_to_async
+def _detached_task(coroutine, *, name: str) -> asyncio.Task:
+    """A task that outlives the request that started it.
+
+    It runs in an empty context: a request's context carries asgiref's per-request
+    thread executor, which shuts down when the response ends, and database calls
+    made from it afterwards would fail.
+    """
+    return asyncio.get_running_loop().create_task(coroutine, name=name, context=contextvars.Context())
+
+
 def _write_partials(batch: dict[UUID, str]) -> None:
     now = timezone.now()
     with transaction.atomic():
@@ -354,11 +399,19 @@ def _write_partials(batch: dict[UUID, str]) -> None:
             )
 
 
-async def sweep_orphans(*, older_than: float | None = None) -> int:
-    """Mark live messages whose worker has not reported for a while as `interrupted`."""
-    older_than = chatbot_setting("ORPHAN_AFTER") if older_than is None else older_than
+def _save_outcome(message_id: UUID, fields: dict) -> None:
+    Message.objects.filter(pk=message_id).update(**fields)
+
+
+def _heartbeat(message_ids: list[UUID], worker: str) -> None:
+    Message.objects.filter(pk__in=message_ids, status__in=Message.LIVE_STATUSES).update(
+        heartbeat_at=timezone.now(), worker=worker
+    )
+
+
+def _sweep_orphans(older_than: float) -> int:
     cutoff = timezone.now() - timedelta(seconds=older_than)
-    count = await Message.objects.filter(status__in=Message.LIVE_STATUSES, heartbeat_at__lt=cutoff).aupdate(
+    count = Message.objects.filter(status__in=Message.LIVE_STATUSES, heartbeat_at__lt=cutoff).update(
         status=Status.INTERRUPTED,
         error_code="interrupted",
         error_message=INTERRUPTED_MESSAGE,
@@ -367,6 +420,12 @@ async def sweep_orphans(*, older_than: float | None = None) -> int:
     if count:
         logger.warning("marked %d orphaned answer(s) as interrupted", count)
     return count
+
+
+async def sweep_orphans(*, older_than: float | None = None) -> int:
+    """Mark live messages whose worker has not reported for a while as `interrupted`."""
+    older_than = chatbot_setting("ORPHAN_AFTER") if older_than is None else older_than
+    return await get_manager().db.run(_sweep_orphans, older_than)
 
 
 _manager: GenerationManager | None = None

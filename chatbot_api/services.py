@@ -7,8 +7,8 @@ with `follow_events()`: one flow, several views of it.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
@@ -123,22 +123,26 @@ async def follow_events(*, message: Message, after: int = 0) -> AsyncIterator:
     With `CANCEL_ON_DISCONNECT`, a reader that leaves before the end stops the answer.
     """
     finished = False
+    events = _message_events(message=message, after=after)
     try:
-        async for item in _message_events(message=message, after=after):
-            if item is not KEEPALIVE and item.is_terminal:
-                finished = True
-            yield item
+        async with aclosing(events):
+            async for item in events:
+                if item is not KEEPALIVE and item.is_terminal:
+                    finished = True
+                yield item
     finally:
         if not finished and chatbot_setting("CANCEL_ON_DISCONNECT"):
             # Not awaited: we may be inside a cancellation; the stop saves the partial text.
-            asyncio.ensure_future(get_manager().stop(message.id))
+            get_manager().stop_soon(message.id)
 
 
 async def _message_events(*, message: Message, after: int) -> AsyncIterator:
     log = get_manager().log
+    reader = log.read(message.id, after=after, keepalive=chatbot_setting("KEEPALIVE_INTERVAL"))
     try:
-        async for item in log.read(message.id, after=after, keepalive=chatbot_setting("KEEPALIVE_INTERVAL")):
-            yield item
+        async with aclosing(reader):
+            async for item in reader:
+                yield item
         return
     except LogNotFound:
         pass

@@ -8,6 +8,7 @@ is produced: the iterators are async, nothing buffers, and SSE is never compress
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from django.http import StreamingHttpResponse
 from rest_framework.renderers import BaseRenderer, JSONRenderer
@@ -27,15 +28,21 @@ def sse_encode(event: Event) -> bytes:
     return f"id: {event.seq}\nevent: {event.type}\ndata: {event.json}\n\n".encode()
 
 
+# Each transport closes the event iterator itself (`aclosing`) so a client that goes
+# away ends the reader at once, not whenever the garbage collector gets to it.
+
+
 async def _sse(events: AsyncIterator) -> AsyncIterator[bytes]:
     yield SSE_PREAMBLE
-    async for item in events:
-        yield SSE_KEEPALIVE if item is KEEPALIVE else sse_encode(item)
+    async with aclosing(events):
+        async for item in events:
+            yield SSE_KEEPALIVE if item is KEEPALIVE else sse_encode(item)
 
 
 async def _ndjson(events: AsyncIterator) -> AsyncIterator[bytes]:
-    async for item in events:
-        yield NDJSON_KEEPALIVE if item is KEEPALIVE else (item.json + "\n").encode()
+    async with aclosing(events):
+        async for item in events:
+            yield NDJSON_KEEPALIVE if item is KEEPALIVE else (item.json + "\n").encode()
 
 
 def _streaming_response(body: AsyncIterator[bytes], content_type: str) -> StreamingHttpResponse:
@@ -56,9 +63,10 @@ def ndjson_response(events: AsyncIterator) -> StreamingHttpResponse:
 async def collect(events: AsyncIterator) -> Answer:
     """Read the stream to its terminal event and assemble the answer (the JSON transport)."""
     answer = Answer()
-    async for item in events:
-        if item is not KEEPALIVE:
-            answer.add(item)
+    async with aclosing(events):
+        async for item in events:
+            if item is not KEEPALIVE:
+                answer.add(item)
     return answer
 
 

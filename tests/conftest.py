@@ -56,9 +56,13 @@ async def manager(fresh_manager):
     """The generation manager, shut down (answers saved) when the test ends."""
     from chatbot_api.generation import get_manager
 
+    from chatbot_api.providers import get_provider
+
     manager = get_manager()
     yield manager
     await manager.shutdown(grace=2)
+    if get_provider.cache_info().currsize:  # close its HTTP pool while this test's loop still runs
+        await get_provider().aclose()
 
 
 def parse_sse(raw: bytes) -> list[dict]:
@@ -75,3 +79,14 @@ def parse_sse(raw: bytes) -> list[dict]:
             fields["data"] = json.loads(fields["data"])
             frames.append(fields)
     return frames
+
+
+@pytest.fixture
+def live_server_url(transactional_db, fresh_manager, settings):
+    """The whole product (chatbot.asgi, lifespan on) under a real uvicorn on loopback."""
+    from chatbot.asgi import application
+    from tests.support.servers import UvicornThread
+
+    settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+    with UvicornThread(application, lifespan="on", timeout_graceful_shutdown=3) as server:
+        yield server.origin

@@ -33,10 +33,20 @@ def fresh_manager() -> None:
     tests also run with ``-p no:django`` / without settings."""
 
 
-@pytest.fixture
-def server() -> Iterator[FakeOpenAIServer]:
+@pytest.fixture(scope="module")
+def running_server() -> Iterator[FakeOpenAIServer]:
     with FakeOpenAIServer() as running:
         yield running
+
+
+@pytest.fixture
+def server(running_server: FakeOpenAIServer) -> Iterator[FakeOpenAIServer]:
+    """One server per module (stopping uvicorn takes ~0.2s), reset around every test."""
+    fake = running_server.fake
+    fake.reset()
+    fake.default = Script()
+    yield running_server
+    fake.abort_streams()
 
 
 @pytest.fixture

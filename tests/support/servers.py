@@ -1,0 +1,52 @@
+"""A real uvicorn server on loopback in a background thread, for end-to-end tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import uvicorn
+
+
+class UvicornThread:
+    """Serves an ASGI app on 127.0.0.1 (a free port) from a daemon thread with its own event loop."""
+
+    def __init__(self, app, *, host: str = "127.0.0.1", port: int = 0, **config) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self.config = {"log_level": "warning", "log_config": None, "access_log": False, **config}
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def origin(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> UvicornThread:
+        server = uvicorn.Server(uvicorn.Config(self.app, host=self.host, port=self.port, **self.config))
+        thread = threading.Thread(target=server.run, name=f"uvicorn-{id(self)}", daemon=True)
+        self._server, self._thread = server, thread
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("uvicorn failed to start")
+            time.sleep(0.005)
+        self.port = server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is None or thread is None:
+            return
+        server.should_exit = True
+        thread.join(timeout)
+
+    def __enter__(self) -> UvicornThread:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
