@@ -1,0 +1,129 @@
+"""The product under a real uvicorn on loopback: SSE bytes, a real WebSocket client, real disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import asynccontextmanager
+
+import httpx
+import pytest
+import websockets
+
+from chatbot_api.models import Message
+from tests.conftest import parse_sse
+from tests.support.fake_openai import Script
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+@asynccontextmanager
+async def new_browser(base_url: str):
+    """An httpx client holding the page's session and CSRF cookies, like a browser tab."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+        await client.get("/")
+        client.headers["X-CSRFToken"] = client.cookies["csrftoken"]
+        client.headers["Referer"] = base_url + "/"
+        yield client
+
+
+async def wait_for_status(message_id, statuses, timeout=5.0) -> Message:
+    deadline = time.monotonic() + timeout
+    while True:
+        message = await Message.objects.aget(pk=message_id)
+        if message.status in statuses or time.monotonic() > deadline:
+            return message
+        await asyncio.sleep(0.02)
+
+
+async def test_sse_reaches_the_socket_frame_by_frame(upstream, live_server_url):
+    upstream.enqueue(Script(chunks=[f"c{i}" for i in range(5)], interval=0.1))
+    async with new_browser(live_server_url) as client:
+        arrivals = []
+        async with client.stream(
+            "POST", "/api/chat/", json={"message": "Hi"}, headers={"Accept": "text/event-stream"}
+        ) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "text/event-stream"
+            assert response.headers["cache-control"] == "no-cache"
+            assert response.headers["x-accel-buffering"] == "no"
+            assert "content-encoding" not in response.headers
+            buffer = b""
+            async for chunk in response.aiter_raw():
+                buffer += chunk
+                *blocks, buffer = buffer.split(b"\n\n")
+                for block in blocks:
+                    for frame in parse_sse(block + b"\n\n"):
+                        arrivals.append((time.monotonic(), frame))
+    deltas = [(t, f) for t, f in arrivals if f["event"] == "delta"]
+    assert [f["data"]["text"] for _, f in deltas] == ["c0", "c1", "c2", "c3", "c4"]
+    assert deltas[0][0] < upstream.history[-1].closed_at - 0.25, "first token before the upstream finished"
+    gaps = [b[0] - a[0] for a, b in zip(deltas, deltas[1:], strict=False)]
+    assert min(gaps) > 0.05, "each delta reached the socket on its own"
+    assert arrivals[-1][1]["event"] == "done"
+
+
+async def test_csrf_is_enforced_for_cookie_sessions(upstream, live_server_url):
+    async with new_browser(live_server_url) as client:
+        del client.headers["X-CSRFToken"]
+        response = await client.post("/api/chat/", json={"message": "Hi"})
+    assert response.status_code == 403
+    assert response.json()["success"] is False and "CSRF" in response.json()["error"]
+
+
+async def test_disconnect_then_resume_over_http(upstream, live_server_url):
+    upstream.enqueue(Script(chunks=[f"{i} " for i in range(20)], interval=0.03))
+    async with new_browser(live_server_url) as client:
+        seen = []
+        async with client.stream("POST", "/api/chat/", json={"message": "Hi"},
+                                 headers={"Accept": "text/event-stream"}) as response:
+            buffer = b""
+            async for chunk in response.aiter_raw():
+                buffer += chunk
+                *blocks, buffer = buffer.split(b"\n\n")
+                seen += [f for block in blocks for f in parse_sse(block + b"\n\n")]
+                if len(seen) >= 6:
+                    break  # the network drops
+        message_id = seen[0]["data"]["message_id"]
+        resumed = await client.get(
+            f"/api/messages/{message_id}/events", headers={"Last-Event-ID": seen[-1]["id"]}
+        )
+    frames = seen + parse_sse(resumed.content)
+    assert [int(f["id"]) for f in frames] == list(range(1, len(frames) + 1))
+    text = "".join(f["data"]["text"] for f in frames if f["event"] == "delta")
+    message = await wait_for_status(message_id, {"complete"})
+    assert text == message.content == "".join(f"{i} " for i in range(20))
+
+
+async def test_real_disconnect_stops_the_answer_when_configured(upstream, live_server_url, chatbot_settings):
+    chatbot_settings(CANCEL_ON_DISCONNECT=True)
+    upstream.enqueue(Script(chunks=["a", "b", "c"], hang_after=2))
+    async with new_browser(live_server_url) as client:
+        async with client.stream("POST", "/api/chat/", json={"message": "Hi"},
+                                 headers={"Accept": "text/event-stream"}) as response:
+            raw = b""
+            async for chunk in response.aiter_raw():
+                raw += chunk
+                if raw.count(b"event: delta") == 2:
+                    break
+    message_id = parse_sse(raw)[0]["data"]["message_id"]
+    message = await wait_for_status(message_id, {"stopped"})
+    assert (message.status, message.content) == ("stopped", "ab")
+    assert (await upstream.wait_for_disconnect_async()).disconnected
+
+
+async def test_real_websocket_client(upstream, live_server_url):
+    upstream.enqueue(Script(chunks=["real", " ws"], interval=0.02))
+    async with new_browser(live_server_url) as client:
+        cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+    ws_url = live_server_url.replace("http://", "ws://") + "/ws/chat/"
+    async with websockets.connect(
+        ws_url, additional_headers={"Cookie": cookie}, origin=live_server_url
+    ) as ws:
+        await ws.send(json.dumps({"type": "chat", "message": "Hi"}))
+        events = []
+        while not events or events[-1]["type"] not in ("done", "error"):
+            events.append(json.loads(await asyncio.wait_for(ws.recv(), 5)))
+    assert [e["type"] for e in events] == ["meta", "delta", "delta", "usage", "done"]
+    assert "".join(e["text"] for e in events if e["type"] == "delta") == "real ws"
