@@ -235,6 +235,13 @@ CHATBOT = {
     "KEEPALIVE_INTERVAL": env_number("CHATBOT_KEEPALIVE_INTERVAL", 15.0, minimum=0.01),
     "CANCEL_ON_DISCONNECT": env_bool("CHATBOT_CANCEL_ON_DISCONNECT", False),
     "ALLOW_ANONYMOUS": env_bool("CHATBOT_ALLOW_ANONYMOUS", True),
+    # Per user (per client IP for anonymous use); 0 switches a limit off. Staff can override per user.
+    "REQUESTS_PER_MINUTE": env_number("CHATBOT_REQUESTS_PER_MINUTE", 20, int, minimum=0),
+    "CONCURRENT_STREAMS": env_number("CHATBOT_CONCURRENT_STREAMS", 3, int, minimum=0),
+    "TOKENS_PER_DAY": env_number("CHATBOT_TOKENS_PER_DAY", 200_000, int, minimum=0),
+    # /metrics: open to these client IPs, or to anyone sending `Authorization: Bearer <token>`.
+    "METRICS_TOKEN": os.environ.get("CHATBOT_METRICS_TOKEN", ""),
+    "METRICS_ALLOWED_IPS": env_list("CHATBOT_METRICS_ALLOWED_IPS", ["127.0.0.1", "::1"]),
     "OPENAI_MAX_RETRIES": env_number("OPENAI_MAX_RETRIES", 1, int, minimum=0),
     "EVENT_LOG_TTL": env_number("CHATBOT_EVENT_LOG_TTL", 3600.0, minimum=1),
     "ORPHAN_AFTER": env_number("CHATBOT_ORPHAN_AFTER", 30.0, minimum=1),
@@ -257,7 +264,8 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": os.environ.get("DJANGO_LOG_LEVEL", "INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}, "httpx2": {"level": "WARNING"}},
+    # Client libraries log request details at DEBUG/INFO; keep them quiet so no key or prompt leaks.
+    "loggers": {name: {"level": "WARNING"} for name in ("httpx", "httpx2", "httpcore", "openai")},
 }
 
 if not DEBUG:

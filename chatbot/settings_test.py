@@ -6,7 +6,7 @@ os.environ.setdefault("CHATBOT_DEV_DEFAULTS", "1")
 # Tests choose their provider per test; the embedded default is the local model.
 os.environ.pop("OPENAI_API_KEY", None)
 
-from chatbot.settings import *  # noqa: E402,F403
+from chatbot.settings import *  # noqa: F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 

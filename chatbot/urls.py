@@ -1,9 +1,12 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from chatbot_api.metrics import metrics_view
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/", include("chatbot_api.urls")),
+    path("metrics", metrics_view, name="metrics"),
     path("", include("chatbot_web.urls")),
 ]
 

@@ -1,6 +1,8 @@
 from django.contrib import admin
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
 
-from .models import Conversation, Message
+from .models import Conversation, Message, UsageRecord, UserQuota
 
 
 class MessageInline(admin.TabularInline):
@@ -35,3 +37,44 @@ class MessageAdmin(admin.ModelAdmin):
         "heartbeat_at", "created_at", "updated_at",
     ]
     date_hierarchy = "created_at"
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(admin.ModelAdmin):
+    list_display = [
+        "created_at", "user", "client_key", "provider", "model", "prompt_tokens", "completion_tokens",
+        "estimated", "ttft_ms", "duration_ms", "outcome",
+    ]
+    list_filter = ["outcome", "provider", "model", "estimated", "created_at", "user"]
+    search_fields = ["user__username", "client_key", "model"]
+    date_hierarchy = "created_at"
+    readonly_fields = [f.name for f in UsageRecord._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(UserQuota)
+class UserQuotaAdmin(admin.ModelAdmin):
+    list_display = ["user", "requests_per_minute", "concurrent_streams", "tokens_per_day"]
+    search_fields = ["user__username"]
+    autocomplete_fields = ["user"]
+
+
+class UserQuotaInline(admin.StackedInline):
+    model = UserQuota
+    can_delete = True
+    verbose_name_plural = "Chat rate limits (empty = default, 0 = unlimited)"
+
+
+User = get_user_model()
+if admin.site.is_registered(User):
+    user_admin_class = type(admin.site._registry[User])
+    admin.site.unregister(User)
+else:  # pragma: no cover  (a project without the auth admin)
+    user_admin_class = UserAdmin
+
+
+@admin.register(User)
+class ChatUserAdmin(user_admin_class):
+    inlines = [*user_admin_class.inlines, UserQuotaInline]

@@ -63,7 +63,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        turn = await services.chat_start(owner=self.owner, text=data["message"], session_id=data.get("session_id"))
+        turn = await services.chat_start(
+            owner=self.owner, text=data["message"], session_id=data.get("session_id"), transport="websocket"
+        )
         self._follow(turn.assistant_message, after=0)
 
     async def _stop(self, content):

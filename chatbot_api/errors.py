@@ -25,9 +25,10 @@ class ChatbotError(Exception):
     retryable = False
 
     def __init__(self, message: str, *, code: str | None = None, status_code: int | None = None,
-                 retryable: bool | None = None, headers: dict | None = None):
+                 retryable: bool | None = None, headers: dict | None = None, extra: dict | None = None):
         super().__init__(message)
         self.message = message
+        self.extra = extra or {}
         if code is not None:
             self.code = code
         if status_code is not None:
@@ -101,7 +102,7 @@ def api_exception_handler(exc, context):
     if isinstance(exc, RequestDataTooBig):
         return Response(error_body("The request body is too large.", "payload_too_large"), status=413)
     if isinstance(exc, ChatbotError):
-        body = error_body(exc.message, exc.code, retryable=exc.retryable)
+        body = error_body(exc.message, exc.code, retryable=exc.retryable, **exc.extra)
         return Response(body, status=exc.status_code, headers=exc.headers)
     if isinstance(exc, drf_exceptions.ValidationError):
         lines = _flatten_validation(exc.detail)

@@ -20,20 +20,21 @@ import os
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from uuid import UUID
-
-from concurrent.futures import ThreadPoolExecutor
 
 from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from . import events as ev
+from . import metrics
 from .conf import chatbot_setting
 from .errors import ChatbotError, GenerationTimeout, ProviderError
 from .eventlog import EventLog, InMemoryEventLog
-from .models import Message
+from .limits import rate_limiter
+from .models import Message, UsageRecord
 from .providers import Provider, Usage
 
 logger = logging.getLogger("chatbot.generation")
@@ -48,6 +49,10 @@ class GenerationRequest:
     prompt: list[dict]
     max_tokens: int
     temperature: float
+    # Whom the answer is charged to (rate limits, usage records).
+    client_key: str = ""
+    user_id: int | None = None
+    session_key: str = ""
 
 
 @dataclass(slots=True)
@@ -181,7 +186,26 @@ class Generation:
                 completion_tokens=usage.completion_tokens,
                 tokens_estimated=usage.estimated,
             )
-        await self.manager.save_outcome(self.message_id, fields)
+        record = UsageRecord(
+            message_id=self.message_id,
+            user_id=self.request.user_id,
+            session_key=self.request.session_key,
+            client_key=self.request.client_key,
+            provider=self.provider.name,
+            model=self.provider.model_id,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            estimated=usage.estimated if usage else False,
+            ttft_ms=fields["ttft_ms"],
+            duration_ms=fields["duration_ms"],
+            outcome=outcome["status"],
+        )
+        await self.manager.save_outcome(self.message_id, fields, record)
+        metrics.observe_answer(
+            provider=record.provider, model=record.model, outcome=record.outcome, ttft_ms=record.ttft_ms,
+            duration_ms=record.duration_ms, prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens, error_code=fields["error_code"],
+        )
         if usage is not None:
             await self.log.append(
                 self.message_id,
@@ -280,8 +304,13 @@ class GenerationManager:
         generation = Generation(request, provider=provider, manager=self)
         generation.task = _detached_task(generation.run(), name=f"generation-{request.message_id}")
         self._running[request.message_id] = generation
-        generation.task.add_done_callback(lambda _: self._running.pop(request.message_id, None))
+        metrics.STREAMING_NOW.inc()
+        generation.task.add_done_callback(lambda _: self._forget(request.message_id))
         return generation
+
+    def _forget(self, message_id: UUID) -> None:
+        if self._running.pop(message_id, None) is not None:
+            metrics.STREAMING_NOW.dec()
 
     def mark_dirty(self, generation: Generation) -> None:
         self._dirty[generation.message_id] = generation
@@ -304,11 +333,11 @@ class GenerationManager:
             except Exception:  # the database hiccuped: the next flush or the final save will catch up
                 logger.warning("flushing %d partial answer(s) failed", len(batch), exc_info=True)
 
-    async def save_outcome(self, message_id: UUID, fields: dict) -> None:
-        """Write an answer's outcome; retried briefly, since losing it would lose the answer."""
+    async def save_outcome(self, message_id: UUID, fields: dict, record: UsageRecord) -> None:
+        """Write an answer's outcome and usage, free its rate-limit slot; retried briefly."""
         for attempt in range(3):
             try:
-                await self.db.run(_save_outcome, message_id, fields)
+                await self.db.run(_save_outcome, message_id, fields, record)
                 return
             except Exception:
                 logger.warning("saving message %s failed (attempt %d)", message_id, attempt + 1, exc_info=True)
@@ -399,8 +428,13 @@ def _write_partials(batch: dict[UUID, str]) -> None:
             )
 
 
-def _save_outcome(message_id: UUID, fields: dict) -> None:
-    Message.objects.filter(pk=message_id).update(**fields)
+def _save_outcome(message_id: UUID, fields: dict, record: UsageRecord) -> None:
+    with transaction.atomic():
+        Message.objects.filter(pk=message_id).update(**fields)
+        if not UsageRecord.objects.filter(message_id=message_id).exists():
+            record.save()
+    if record.client_key:
+        rate_limiter.release(record.client_key, tokens=record.total_tokens)
 
 
 def _heartbeat(message_ids: list[UUID], worker: str) -> None:

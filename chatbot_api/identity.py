@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rest_framework.authtoken.models import Token
 from rest_framework.exceptions import NotAuthenticated
 
 from .conf import chatbot_setting
@@ -11,21 +12,23 @@ from .selectors import Owner
 async def owner_for(request) -> Owner:
     """The owner of the request's conversations; starts a session for a new anonymous visitor."""
     user = request.user
+    client_ip = request.META.get("REMOTE_ADDR") or ""
     if user is not None and user.is_authenticated:
-        return Owner(user_id=user.pk)
+        return Owner(user_id=user.pk, client_ip=client_ip)
     if not chatbot_setting("ALLOW_ANONYMOUS"):
         raise NotAuthenticated("Sign in to use the chatbot.")
     session = request.session
     if not session.session_key:
         await session.asave()
-    return Owner(session_key=session.session_key)
+    return Owner(session_key=session.session_key, client_ip=client_ip)
 
 
 async def owner_for_scope(scope) -> Owner | None:
-    """The same for a WebSocket: the user, else the session the page's cookie carries."""
-    user = scope.get("user")
+    """The same for a WebSocket: an API token, else the signed-in user, else the page's session."""
+    client_ip = (scope.get("client") or ("",))[0] or ""
+    user = await _token_user(scope) or scope.get("user")
     if user is not None and user.is_authenticated:
-        return Owner(user_id=user.pk)
+        return Owner(user_id=user.pk, client_ip=client_ip)
     if not chatbot_setting("ALLOW_ANONYMOUS"):
         return None
     session = scope.get("session")
@@ -33,4 +36,14 @@ async def owner_for_scope(scope) -> Owner | None:
         return None
     if not session.session_key:
         await session.asave()
-    return Owner(session_key=session.session_key)
+    return Owner(session_key=session.session_key, client_ip=client_ip)
+
+
+async def _token_user(scope):
+    """The user of an `Authorization: Token <key>` header (non-browser WebSocket clients)."""
+    header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+    kind, _, key = header.partition(" ")
+    if kind.lower() != "token" or not key:
+        return None
+    token = await Token.objects.select_related("user").filter(key=key.strip()).afirst()
+    return token.user if token and token.user.is_active else None

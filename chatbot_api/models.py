@@ -80,3 +80,47 @@ class Message(models.Model):
     @property
     def is_live(self) -> bool:
         return self.status in self.LIVE_STATUSES
+
+
+class UsageRecord(models.Model):
+    """One answer's cost and outcome, kept for accounting even if its conversation is deleted."""
+
+    message = models.OneToOneField(Message, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage_records"
+    )
+    # Anonymous answers: the browser session that asked (the usage page shows it its own).
+    session_key = models.CharField(max_length=40, blank=True, db_index=True)
+    # The rate-limit identity: "user:<id>" or "ip:<address>" for anonymous use.
+    client_key = models.CharField(max_length=128, db_index=True)
+    provider = models.CharField(max_length=32)
+    model = models.CharField(max_length=200)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    estimated = models.BooleanField(default=False)
+    ttft_ms = models.FloatField("time to first token (ms)", null=True, blank=True)
+    duration_ms = models.FloatField(null=True, blank=True)
+    outcome = models.CharField(max_length=16, choices=Message.Status.choices, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self):
+        return f"{self.client_key} {self.model} {self.prompt_tokens}+{self.completion_tokens}"
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class UserQuota(models.Model):
+    """Per-user overrides of the rate limits; empty fields use the defaults from settings (0 = unlimited)."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="chat_quota")
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    concurrent_streams = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_day = models.PositiveIntegerField(null=True, blank=True)
+
+    def __str__(self):
+        return f"quota of {self.user}"

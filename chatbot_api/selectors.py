@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from uuid import UUID
 
-from django.db.models import QuerySet
+from django.db.models import Count, Q, QuerySet, Sum
+from django.db.models.functions import TruncDate
+from django.utils import timezone
 
 from .errors import NotFound
-from .models import Conversation, Message
+from .models import Conversation, Message, UsageRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +20,8 @@ class Owner:
 
     user_id: int | None = None
     session_key: str | None = None
+    # Where the request came from: anonymous callers are rate-limited per IP.
+    client_ip: str = field(default="", compare=False)
 
     def __post_init__(self):
         if self.user_id is None and not self.session_key:
@@ -35,9 +40,11 @@ class Owner:
         return {"session_key": self.session_key}
 
     @property
-    def key(self) -> str:
-        """A stable identifier for rate limits and logs."""
-        return f"user:{self.user_id}" if self.user_id is not None else f"session:{self.session_key}"
+    def rate_key(self) -> str:
+        """Whom the rate limits count: the user, else the client IP (a new session must not reset them)."""
+        if self.user_id is not None:
+            return f"user:{self.user_id}"
+        return f"ip:{self.client_ip}" if self.client_ip else f"session:{self.session_key}"
 
 
 def _uuid(value) -> UUID | None:
@@ -93,3 +100,23 @@ async def conversation_context(*, conversation: Conversation, fits) -> list[dict
         turns.append({"role": role, "content": content})
     turns.reverse()
     return turns
+
+
+def usage_summary(*, owner: Owner, days: int = 30) -> list[dict]:
+    """The owner's answers and tokens per UTC day and model, newest first."""
+    since = timezone.now() - timedelta(days=days)
+    lookup = {"user_id": owner.user_id} if owner.user_id is not None else {
+        "user__isnull": True, "session_key": owner.session_key
+    }
+    return list(
+        UsageRecord.objects.filter(created_at__gte=since, **lookup)
+        .annotate(date=TruncDate("created_at"))
+        .values("date", "provider", "model")
+        .annotate(
+            answers=Count("id"),
+            prompt_tokens=Sum("prompt_tokens"),
+            completion_tokens=Sum("completion_tokens"),
+            estimated_answers=Count("id", filter=Q(estimated=True)),
+        )
+        .order_by("-date", "provider", "model")
+    )

@@ -79,3 +79,33 @@ class StopResponseSerializer(serializers.Serializer):
     message_id = serializers.UUIDField()
     status = serializers.ChoiceField(choices=Message.Status.choices)
     response = serializers.CharField(allow_blank=True)
+
+
+class UsageDaySerializer(serializers.Serializer):
+    date = serializers.DateField()
+    provider = serializers.CharField()
+    model = serializers.CharField()
+    answers = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    estimated_answers = serializers.IntegerField()
+
+
+class UsageTodaySerializer(serializers.Serializer):
+    date = serializers.DateField()
+    answers = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+
+
+class UsageLimitsSerializer(serializers.Serializer):
+    requests_per_minute = serializers.IntegerField(help_text="0 = unlimited")
+    concurrent_streams = serializers.IntegerField(help_text="0 = unlimited")
+    tokens_per_day = serializers.IntegerField(help_text="0 = unlimited")
+    tokens_used_today = serializers.IntegerField(help_text="What the daily quota counts (per client).")
+
+
+class UsageSerializer(serializers.Serializer):
+    today = UsageTodaySerializer()
+    limits = UsageLimitsSerializer()
+    days = UsageDaySerializer(many=True)

@@ -16,9 +16,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from . import events as ev
+from . import metrics
 from .conf import chatbot_setting
 from .eventlog import KEEPALIVE, LogNotFound
 from .generation import GenerationRequest, get_manager, terminal_event
+from .limits import RateLimited, rate_limiter
 from .models import Conversation, Message
 from .providers import Provider, get_provider
 from .selectors import Owner, conversation_context, conversation_get, message_get
@@ -36,18 +38,25 @@ class Turn:
     assistant_message: Message
 
 
-async def chat_start(*, owner: Owner, text: str, session_id: str | None = None) -> Turn:
+async def chat_start(*, owner: Owner, text: str, session_id: str | None = None, transport: str = "json") -> Turn:
     """Save the user's message, create the answer and start generating it in the background.
 
     Returns at once; the answer's events are read with `follow_events()`. Raises
-    `NotFound` for a `session_id` the owner does not have.
+    `NotFound` for a `session_id` the owner does not have and `RateLimited` when a
+    limit is reached; in both cases nothing is saved or started.
     """
     provider = get_provider()
     conversation = await conversation_get(owner=owner, conversation_id=session_id) if session_id else None
     prompt = await build_prompt(provider=provider, conversation=conversation, text=text)
-    conversation, user_message, assistant_message = await _create_turn(
-        owner=owner, conversation=conversation, text=text, provider=provider
-    )
+    await _acquire_rate_limits(owner)
+    try:
+        conversation, user_message, assistant_message = await _create_turn(
+            owner=owner, conversation=conversation, text=text, provider=provider
+        )
+    except BaseException:
+        await sync_to_async(rate_limiter.release)(owner.rate_key)
+        raise
+    metrics.CHAT_REQUESTS.labels(transport).inc()
     manager = get_manager()
     await manager.log.open(assistant_message.id)
     manager.start(
@@ -57,10 +66,21 @@ async def chat_start(*, owner: Owner, text: str, session_id: str | None = None) 
             prompt=prompt,
             max_tokens=chatbot_setting("MAX_TOKENS"),
             temperature=chatbot_setting("TEMPERATURE"),
+            client_key=owner.rate_key,
+            user_id=owner.user_id,
+            session_key=owner.session_key or "",
         ),
         provider=provider,
     )
     return Turn(conversation, user_message, assistant_message)
+
+
+async def _acquire_rate_limits(owner: Owner) -> None:
+    try:
+        await sync_to_async(rate_limiter.acquire)(owner.rate_key, owner.user_id)
+    except RateLimited as error:
+        metrics.RATE_LIMITED.labels(error.limit).inc()
+        raise
 
 
 async def build_prompt(*, provider: Provider, conversation: Conversation | None, text: str) -> list[dict]:

@@ -1,5 +1,6 @@
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView
+from rest_framework.authtoken.views import obtain_auth_token
 
 from . import views
 
@@ -10,5 +11,7 @@ urlpatterns = [
     path("messages/<str:message_id>/stop", views.MessageStopView.as_view(), name="message-stop"),
     path("conversations/", views.ConversationListView.as_view(), name="conversation-list"),
     path("conversations/<str:session_id>", views.ConversationDetailView.as_view(), name="conversation-detail"),
+    path("usage/", views.UsageView.as_view(), name="usage"),
+    path("token/", obtain_auth_token, name="token"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
 ]

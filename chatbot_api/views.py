@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from adrf.views import APIView as AsyncAPIView
+from asgiref.sync import sync_to_async
+from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.renderers import JSONRenderer
@@ -11,6 +13,7 @@ from rest_framework.response import Response
 from . import selectors, services, transports
 from .errors import ChatbotError, status_for_code
 from .identity import owner_for
+from .limits import rate_limiter
 from .models import Message
 from .serializers import (
     ChatRequestSerializer,
@@ -20,6 +23,7 @@ from .serializers import (
     ConversationUpdateSerializer,
     MessageSerializer,
     StopResponseSerializer,
+    UsageSerializer,
 )
 
 EVENTS_DESCRIPTION = (
@@ -66,9 +70,11 @@ class ChatView(ApiView):
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         owner = await owner_for(request)
-        turn = await services.chat_start(owner=owner, text=data["message"], session_id=data.get("session_id"))
-        events = services.follow_events(message=turn.assistant_message)
         transport = request.accepted_renderer.format
+        turn = await services.chat_start(
+            owner=owner, text=data["message"], session_id=data.get("session_id"), transport=transport
+        )
+        events = services.follow_events(message=turn.assistant_message)
         if transport == "sse":
             return transports.sse_response(events)
         if transport == "ndjson":
@@ -140,6 +146,36 @@ class MessageStopView(ApiView):
         message = await services.message_stop(owner=await owner_for(request), message_id=message_id)
         return Response(
             {"success": True, "message_id": str(message.id), "status": message.status, "response": message.content}
+        )
+
+
+class UsageView(ApiView):
+    @extend_schema(responses=UsageSerializer)
+    async def get(self, request):
+        """The caller's usage: today's totals, limits, and answers/tokens per day and model (30 days)."""
+        owner = await owner_for(request)
+        days = await sync_to_async(selectors.usage_summary)(owner=owner)
+        limits = await sync_to_async(rate_limiter.limits_for)(owner.user_id)
+        today = timezone.now().date()
+        todays = [row for row in days if row["date"] == today]
+        return Response(
+            UsageSerializer(
+                {
+                    "today": {
+                        "date": today,
+                        "answers": sum(r["answers"] for r in todays),
+                        "prompt_tokens": sum(r["prompt_tokens"] for r in todays),
+                        "completion_tokens": sum(r["completion_tokens"] for r in todays),
+                    },
+                    "limits": {
+                        "requests_per_minute": limits.requests_per_minute,
+                        "concurrent_streams": limits.concurrent_streams,
+                        "tokens_per_day": limits.tokens_per_day,
+                        "tokens_used_today": await sync_to_async(rate_limiter.tokens_used_today)(owner.rate_key),
+                    },
+                    "days": days,
+                }
+            ).data
         )
 
 

@@ -40,10 +40,13 @@ def chatbot_settings(settings):
 
 @pytest.fixture(autouse=True)
 def fresh_manager():
-    """Every test gets its own generation manager and event logs."""
+    """Every test gets its own generation manager, event logs and rate-limit counters."""
+    from django.core.cache import cache
+
     from chatbot_api.generation import reset_manager
     from chatbot_api.providers import reset_provider
 
+    cache.clear()
     reset_manager()
     reset_provider()
     yield
