@@ -1,0 +1,193 @@
+"""Rate limits, token quotas, usage accounting (issue: users, rate limits, token quotas)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth.models import User
+from django.test import AsyncClient
+
+from chatbot.asgi import application
+from chatbot_api.limits import RateLimiter, rate_limiter
+from chatbot_api.models import Conversation, Message, UsageRecord, UserQuota
+from tests.support.fake_openai import Script
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+DAY = 86400
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """A pinned clock for the rate limiter: `clock.now += 60` instead of sleeping."""
+
+    class Clock:
+        now = 1_800_000_000.0 + 30  # 30 s into a minute
+
+    monkeypatch.setattr(RateLimiter, "clock", staticmethod(lambda: Clock.now))
+    return Clock
+
+
+class ClientAt(AsyncClient):
+    """A test client whose requests come from another IP address."""
+
+    def __init__(self, ip: str, **kwargs):
+        super().__init__(**kwargs)
+        self.ip = ip
+
+    def _base_scope(self, **request):
+        return {**super()._base_scope(**request), "client": [self.ip, 40000]}
+
+
+async def chat(client, message="Hi", **headers):
+    return await client.post("/api/chat/", {"message": message}, content_type="application/json", **headers)
+
+
+async def test_requests_per_minute(upstream, manager, chatbot_settings, clock):
+    chatbot_settings(REQUESTS_PER_MINUTE=2)
+    client = AsyncClient()
+    assert (await chat(client)).status_code == 200
+    assert (await chat(client)).status_code == 200
+
+    refused = await chat(client)
+
+    assert refused.status_code == 429
+    assert refused["Retry-After"] == "30"
+    body = refused.json()
+    assert body["success"] is False and body["code"] == "rate_limited"
+    assert body["limit"] == "requests_per_minute" and body["retry_after"] == 30 and "2 a minute" in body["error"]
+    assert await Message.objects.acount() == 4, "nothing is half-started"
+    assert len(upstream.history) == 2
+
+    clock.now += 30
+    assert (await chat(client)).status_code == 200
+
+
+async def test_anonymous_limits_count_per_ip_not_per_session(upstream, manager, chatbot_settings, clock):
+    chatbot_settings(REQUESTS_PER_MINUTE=1)
+    assert (await chat(AsyncClient())).status_code == 200
+    assert (await chat(AsyncClient())).status_code == 429, "a fresh cookie does not reset the limit"
+    other_ip = ClientAt("10.0.0.9")
+    assert (await chat(other_ip)).status_code == 200
+
+
+async def test_concurrent_streams_under_real_parallel_streams(upstream, manager, chatbot_settings):
+    chatbot_settings(CONCURRENT_STREAMS=2)
+    upstream.enqueue(Script(chunks=["a", "b"], hang_after=1), Script(chunks=["c", "d"], hang_after=1))
+    client = AsyncClient()
+    running = [await chat(client, headers={"Accept": "text/event-stream"}) for _ in range(2)]
+    await upstream.wait_for_request_async(2)
+
+    refused = await chat(client, headers={"Accept": "text/event-stream"})
+
+    assert refused.status_code == 429 and refused.json()["limit"] == "concurrent_streams"
+    assert refused["Content-Type"] == "application/json"
+    first = await anext(aiter(running[0].streaming_content))  # the preamble
+    assert first.startswith(b"retry:")
+    message_ids = [m.pk async for m in Message.objects.filter(role="assistant")]
+    await client.post(f"/api/messages/{message_ids[0]}/stop")
+    assert (await chat(client)).status_code == 200, "a finished answer frees its slot"
+    await client.post(f"/api/messages/{message_ids[1]}/stop")
+
+
+async def test_token_quota_counts_real_usage_and_resets_at_midnight(upstream, manager, chatbot_settings, clock):
+    chatbot_settings(TOKENS_PER_DAY=30)
+    upstream.enqueue(Script(chunks=["x"], usage={"prompt_tokens": 20, "completion_tokens": 15}))
+    client = AsyncClient()
+    assert (await chat(client)).status_code == 200
+    assert rate_limiter.tokens_used_today("ip:127.0.0.1") == 35
+
+    refused = await chat(client)
+
+    assert refused.status_code == 429 and refused.json()["limit"] == "tokens_per_day"
+    assert int(refused["Retry-After"]) == DAY - int(clock.now) % DAY
+    usage = (await client.get("/api/usage/")).json()
+    assert usage["limits"]["tokens_used_today"] == 35 and usage["limits"]["tokens_per_day"] == 30
+
+    clock.now += DAY
+    assert (await chat(client)).status_code == 200
+
+
+async def test_local_model_usage_is_counted(manager, chatbot_settings):
+    chatbot_settings(PROVIDER="local", MAX_TOKENS=8, TEMPERATURE=0.0)
+    client = AsyncClient()
+
+    body = (await chat(client, "Say hello")).json()
+
+    assert body["success"] is True and body["provider"] == "local"
+    record = await UsageRecord.objects.aget(message_id=body["message_id"])
+    assert record.prompt_tokens > 5 and 0 < record.completion_tokens <= 8 and record.estimated is False
+    assert body["usage"] == {
+        "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens, "estimated": False
+    }
+    assert rate_limiter.tokens_used_today("ip:127.0.0.1") == record.total_tokens
+
+
+async def test_usage_endpoint_per_day_and_model(upstream, manager):
+    client = AsyncClient()
+    for _ in range(2):
+        upstream.enqueue(Script(chunks=["x"], usage={"prompt_tokens": 10, "completion_tokens": 3}))
+        await chat(client)
+    upstream.enqueue(Script(chunks=["y"], send_usage=False))
+    await chat(client)
+    await chat(ClientAt("10.1.1.1"))  # someone else
+
+    usage = (await client.get("/api/usage/")).json()
+
+    assert usage["today"]["answers"] == 3 and usage["today"]["prompt_tokens"] >= 20
+    [day] = usage["days"]
+    assert (day["model"], day["provider"], day["answers"], day["estimated_answers"]) == ("gpt-4.1-nano", "openai", 3, 1)
+
+
+async def test_usage_record_survives_deleting_the_conversation(upstream, manager):
+    client = AsyncClient()
+    body = (await chat(client)).json()
+    assert (await client.delete(f"/api/conversations/{body['session_id']}")).status_code == 204
+    assert await Conversation.objects.acount() == 0
+    record = await UsageRecord.objects.aget()
+    assert record.message_id is None and record.outcome == "complete"
+
+
+async def test_staff_override_per_user(upstream, manager, chatbot_settings, clock):
+    chatbot_settings(REQUESTS_PER_MINUTE=5)
+    alice = await User.objects.acreate_user("alice", password="pw-alice-123")
+    await UserQuota.objects.acreate(user=alice, requests_per_minute=1)
+    client = AsyncClient()
+    await client.aforce_login(alice)
+
+    assert (await chat(client)).status_code == 200
+    assert (await chat(client)).status_code == 429
+
+
+async def test_websocket_rate_limited_error_frame(upstream, manager, chatbot_settings, clock):
+    chatbot_settings(REQUESTS_PER_MINUTE=1)
+    client = AsyncClient()
+    await client.get("/")
+    ws = WebsocketCommunicator(application, "/ws/chat/", headers=[
+        (b"origin", b"http://localhost"), (b"host", b"localhost"),
+        (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode()),
+    ])
+    assert (await ws.connect())[0]
+    await ws.send_json_to({"type": "chat", "message": "one"})
+    while (await ws.receive_json_from(timeout=5))["type"] not in ("done", "error"):
+        pass
+
+    await ws.send_json_to({"type": "chat", "message": "two"})
+    error = await ws.receive_json_from(timeout=5)
+
+    assert error["type"] == "error" and error["code"] == "rate_limited"
+    assert error["limit"] == "requests_per_minute" and error["retry_after"] >= 1 and error["retryable"] is True
+    await ws.disconnect()
+
+
+async def test_stream_slot_is_released_on_every_outcome(upstream, manager, chatbot_settings):
+    chatbot_settings(CONCURRENT_STREAMS=1, IDLE_TIMEOUT=0.1)
+    client = AsyncClient()
+    for script in [Script(status=500), Script(chunks=["a", "b"], hang_after=1), Script(chunks=["ok"])]:
+        upstream.enqueue(script)
+        response = await chat(client)
+        assert response.status_code != 429
+    await asyncio.sleep(0)
+    assert (await chat(client)).status_code == 200
