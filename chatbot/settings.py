@@ -192,6 +192,7 @@ SPECTACULAR_SETTINGS = {
     ),
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "ENUM_NAME_OVERRIDES": {"MessageStatusEnum": "chatbot_api.models.Message.Status"},
 }
 
 REDIS_URL = os.environ.get("REDIS_URL", "")

@@ -7,4 +7,5 @@ class ChatbotApiConfig(AppConfig):
     verbose_name = "Chatbot"
 
     def ready(self):
-        from . import checks, signals  # noqa: F401  (system checks; hooks that reset cached clients)
+        # System checks, the OpenAPI auth extension, and hooks that reset cached clients.
+        from . import checks, schema, signals  # noqa: F401

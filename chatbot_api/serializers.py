@@ -22,7 +22,7 @@ class ChatRequestSerializer(serializers.Serializer):
     streaming = serializers.BooleanField(required=False, default=False)
 
 
-class UsageSerializer(serializers.Serializer):
+class TokenUsageSerializer(serializers.Serializer):
     prompt_tokens = serializers.IntegerField()
     completion_tokens = serializers.IntegerField()
     estimated = serializers.BooleanField()
@@ -39,7 +39,7 @@ class ChatResponseSerializer(serializers.Serializer):
     status = serializers.ChoiceField(choices=Message.Status.choices)
     model = serializers.CharField(required=False, allow_blank=True)
     provider = serializers.CharField(required=False, allow_blank=True)
-    usage = UsageSerializer(required=False, allow_null=True)
+    usage = TokenUsageSerializer(required=False, allow_null=True)
     code = serializers.CharField(required=False)
 
 
@@ -105,7 +105,33 @@ class UsageLimitsSerializer(serializers.Serializer):
     tokens_used_today = serializers.IntegerField(help_text="What the daily quota counts (per client).")
 
 
-class UsageSerializer(serializers.Serializer):
+class UsageReportSerializer(serializers.Serializer):
     today = UsageTodaySerializer()
     limits = UsageLimitsSerializer()
     days = UsageDaySerializer(many=True)
+
+
+class StreamEventSerializer(serializers.Serializer):
+    """One event of an answer's stream (SSE `data:`, an NDJSON line, or a WebSocket frame).
+
+    Fields beyond `type`, `seq` and `message_id` depend on the type: meta (session_id,
+    message_id, model, provider), delta (text), usage (prompt_tokens, completion_tokens,
+    estimated), done (status, finish_reason), error (code, message, retryable).
+    Exactly one terminal event (done or error) ends every stream.
+    """
+
+    type = serializers.ChoiceField(choices=["meta", "delta", "usage", "done", "error"])
+    seq = serializers.IntegerField(help_text="Strictly increasing per message, from 1; the SSE `id:`.")
+    message_id = serializers.UUIDField()
+    session_id = serializers.UUIDField(required=False, help_text="meta")
+    model = serializers.CharField(required=False, help_text="meta")
+    provider = serializers.CharField(required=False, help_text="meta")
+    text = serializers.CharField(required=False, help_text="delta")
+    prompt_tokens = serializers.IntegerField(required=False, help_text="usage")
+    completion_tokens = serializers.IntegerField(required=False, help_text="usage")
+    estimated = serializers.BooleanField(required=False, help_text="usage: the provider sent no counts")
+    status = serializers.ChoiceField(choices=["complete", "stopped"], required=False, help_text="done")
+    finish_reason = serializers.CharField(required=False, help_text="done")
+    code = serializers.CharField(required=False, help_text="error")
+    message = serializers.CharField(required=False, help_text="error")
+    retryable = serializers.BooleanField(required=False, help_text="error")

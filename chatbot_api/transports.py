@@ -13,8 +13,8 @@ from contextlib import aclosing
 from django.http import StreamingHttpResponse
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 
-from .events import Answer, Event
 from .eventlog import KEEPALIVE
+from .events import Answer, Event
 
 SSE_CONTENT_TYPE = "text/event-stream"
 NDJSON_CONTENT_TYPE = "application/x-ndjson"

@@ -23,7 +23,8 @@ from .serializers import (
     ConversationUpdateSerializer,
     MessageSerializer,
     StopResponseSerializer,
-    UsageSerializer,
+    StreamEventSerializer,
+    UsageReportSerializer,
 )
 
 EVENTS_DESCRIPTION = (
@@ -49,14 +50,15 @@ class ChatView(ApiView):
     @extend_schema(
         request=ChatRequestSerializer,
         responses={
-            200: OpenApiResponse(
-                ChatResponseSerializer,
-                description=(
-                    "With `Accept: application/json` (default) the assembled answer. With "
-                    "`Accept: text/event-stream` the answer as Server-Sent Events (`event:` type, `id:` "
-                    "seq, `data:` JSON); with `Accept: application/x-ndjson` one JSON event per line. "
-                    + EVENTS_DESCRIPTION
-                ),
+            (200, "application/json"): OpenApiResponse(
+                ChatResponseSerializer, description="The assembled answer (the seed's contract)."
+            ),
+            (200, "text/event-stream"): OpenApiResponse(
+                StreamEventSerializer,
+                description="Server-Sent Events: `event:` type, `id:` seq, `data:` the event. " + EVENTS_DESCRIPTION,
+            ),
+            (200, "application/x-ndjson"): OpenApiResponse(
+                StreamEventSerializer, description="One event per line. " + EVENTS_DESCRIPTION
             ),
             400: OpenApiResponse(description="Invalid input: `{success: false, error, code, details}`."),
             404: OpenApiResponse(description="Unknown `session_id`."),
@@ -122,7 +124,10 @@ class MessageEventsView(ApiView):
                 description="Sent by EventSource on reconnect; wins over `after`.",
             ),
         ],
-        responses={200: OpenApiResponse(description="text/event-stream. " + EVENTS_DESCRIPTION)},
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(StreamEventSerializer, description=EVENTS_DESCRIPTION),
+            404: OpenApiResponse(description="Unknown message, or someone else's."),
+        },
     )
     async def get(self, request, message_id):
         """Replay a message's events after an offset, then follow it live to its terminal event."""
@@ -150,7 +155,7 @@ class MessageStopView(ApiView):
 
 
 class UsageView(ApiView):
-    @extend_schema(responses=UsageSerializer)
+    @extend_schema(responses=UsageReportSerializer)
     async def get(self, request):
         """The caller's usage: today's totals, limits, and answers/tokens per day and model (30 days)."""
         owner = await owner_for(request)
@@ -159,7 +164,7 @@ class UsageView(ApiView):
         today = timezone.now().date()
         todays = [row for row in days if row["date"] == today]
         return Response(
-            UsageSerializer(
+            UsageReportSerializer(
                 {
                     "today": {
                         "date": today,
