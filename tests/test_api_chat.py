@@ -201,3 +201,40 @@ async def test_unknown_api_url_is_json_404():
     response = await AsyncClient().get("/api/nope/")
     assert response.status_code == 404
     assert response.json() == {"success": False, "error": "Not found.", "code": "not_found"}
+
+
+async def test_missing_local_model_is_a_clear_503_and_the_turn_is_kept(manager, chatbot_settings, tmp_path):
+    chatbot_settings(PROVIDER="local", LOCAL_MODEL_PATH=str(tmp_path / "nope.gguf"))
+
+    response = await post_chat(AsyncClient(), {"message": "anyone there?"})
+
+    assert response.status_code == 503
+    body = response.json()
+    assert body["success"] is False and body["code"] == "model_unavailable"
+    assert "CHATBOT_LOCAL_MODEL_PATH" in body["error"]
+    user, assistant = [m async for m in Message.objects.order_by("created_at")]
+    assert user.content == "anyone there?" and assistant.status == "failed"
+    assert assistant.error_code == "model_unavailable"
+
+
+async def test_local_model_answers_for_real(manager, chatbot_settings):
+    chatbot_settings(PROVIDER="local", MAX_TOKENS=12, TEMPERATURE=0.0)
+
+    body = (await post_chat(AsyncClient(), {"message": "What is the capital of France?"})).json()
+
+    assert body["success"] is True and body["provider"] == "local"
+    assert body["model"] == "SmolLM2-135M-Instruct"
+    assert body["response"].strip()
+    assert 0 < body["usage"]["completion_tokens"] <= 12 and body["usage"]["estimated"] is False
+
+
+async def test_openapi_schema_documents_the_event_stream():
+    response = await AsyncClient().get("/api/schema/", headers={"Accept": "application/json"})
+    assert response.status_code == 200
+    schema = response.json()
+    chat = schema["paths"]["/api/chat/"]["post"]["responses"]["200"]["content"]
+    assert set(chat) == {"application/json", "text/event-stream", "application/x-ndjson"}
+    assert "StreamEvent" in schema["components"]["schemas"]
+    assert "text/event-stream" in schema["paths"]["/api/messages/{message_id}/events"]["get"]["responses"]["200"][
+        "content"
+    ]
