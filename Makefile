@@ -37,6 +37,7 @@ run: install .env
 test: install-dev
 	scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest
+	scripts/test-backends.sh
 
 lint: install-dev
 	$(BIN)/ruff check .

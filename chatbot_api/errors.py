@@ -67,6 +67,7 @@ class GenerationTimeout(ChatbotError):
 # Terminal `error` event codes -> HTTP status for JSON clients.
 STATUS_BY_CODE = {
     "not_found": 404,
+    "context_length_exceeded": 400,
     "rate_limited": 429,
     "model_unavailable": 503,
     "upstream_rate_limited": 503,
