@@ -8,7 +8,16 @@ from .models import Conversation, Message, UsageRecord, UserQuota
 class MessageInline(admin.TabularInline):
     model = Message
     extra = 0
-    fields = ["role", "status", "content", "model", "prompt_tokens", "completion_tokens", "ttft_ms", "duration_ms"]
+    fields = [
+        "role",
+        "status",
+        "content",
+        "model",
+        "prompt_tokens",
+        "completion_tokens",
+        "ttft_ms",
+        "duration_ms",
+    ]
     readonly_fields = fields
     show_change_link = True
     can_delete = False
@@ -26,15 +35,38 @@ class ConversationAdmin(admin.ModelAdmin):
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
     list_display = [
-        "id", "role", "status", "provider", "model", "prompt_tokens", "completion_tokens", "tokens_estimated",
-        "ttft_ms", "duration_ms", "created_at",
+        "id",
+        "role",
+        "status",
+        "provider",
+        "model",
+        "prompt_tokens",
+        "completion_tokens",
+        "tokens_estimated",
+        "ttft_ms",
+        "duration_ms",
+        "created_at",
     ]
     list_filter = ["role", "status", "provider", "model", "tokens_estimated", "created_at"]
     search_fields = ["id", "conversation__id", "conversation__title"]
     readonly_fields = [
-        "id", "conversation", "role", "provider", "model", "prompt_tokens", "completion_tokens",
-        "tokens_estimated", "ttft_ms", "duration_ms", "finish_reason", "error_code", "error_message", "worker",
-        "heartbeat_at", "created_at", "updated_at",
+        "id",
+        "conversation",
+        "role",
+        "provider",
+        "model",
+        "prompt_tokens",
+        "completion_tokens",
+        "tokens_estimated",
+        "ttft_ms",
+        "duration_ms",
+        "finish_reason",
+        "error_code",
+        "error_message",
+        "worker",
+        "heartbeat_at",
+        "created_at",
+        "updated_at",
     ]
     date_hierarchy = "created_at"
 
@@ -42,8 +74,17 @@ class MessageAdmin(admin.ModelAdmin):
 @admin.register(UsageRecord)
 class UsageRecordAdmin(admin.ModelAdmin):
     list_display = [
-        "created_at", "user", "client_key", "provider", "model", "prompt_tokens", "completion_tokens",
-        "estimated", "ttft_ms", "duration_ms", "outcome",
+        "created_at",
+        "user",
+        "client_key",
+        "provider",
+        "model",
+        "prompt_tokens",
+        "completion_tokens",
+        "estimated",
+        "ttft_ms",
+        "duration_ms",
+        "outcome",
     ]
     list_filter = ["outcome", "provider", "model", "estimated", "created_at", "user"]
     search_fields = ["user__username", "client_key", "model"]

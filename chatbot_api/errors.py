@@ -24,8 +24,16 @@ class ChatbotError(Exception):
     code = "bad_request"
     retryable = False
 
-    def __init__(self, message: str, *, code: str | None = None, status_code: int | None = None,
-                 retryable: bool | None = None, headers: dict | None = None, extra: dict | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status_code: int | None = None,
+        retryable: bool | None = None,
+        headers: dict | None = None,
+        extra: dict | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.extra = extra or {}
@@ -120,8 +128,10 @@ def api_exception_handler(exc, context):
             code = exc.default_code if isinstance(exc.detail, str) else "error"
             codes = exc.get_codes()
             code = codes if isinstance(codes, str) else code
-        message = str(exc.detail) if not isinstance(exc.detail, (list, dict)) else "; ".join(
-            _flatten_validation(exc.detail)
+        message = (
+            str(exc.detail)
+            if not isinstance(exc.detail, (list, dict))
+            else "; ".join(_flatten_validation(exc.detail))
         )
         return Response(error_body(message, code), status=exc.status_code, headers=headers)
     return None  # unexpected: Django's 500 handler below turns it into the same shape

@@ -13,7 +13,11 @@ class Conversation(models.Model):
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE, related_name="conversations"
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="conversations",
     )
     session_key = models.CharField(max_length=40, blank=True, db_index=True)
     title = models.CharField(max_length=200, blank=True)
@@ -85,9 +89,15 @@ class Message(models.Model):
 class UsageRecord(models.Model):
     """One answer's cost and outcome, kept for accounting even if its conversation is deleted."""
 
-    message = models.OneToOneField(Message, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage")
+    message = models.OneToOneField(
+        Message, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage"
+    )
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage_records"
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="usage_records",
     )
     # Anonymous answers: the browser session that asked (the usage page shows it its own).
     session_key = models.CharField(max_length=40, blank=True, db_index=True)

@@ -105,9 +105,11 @@ async def conversation_context(*, conversation: Conversation, fits) -> list[dict
 def usage_summary(*, owner: Owner, days: int = 30) -> list[dict]:
     """The owner's answers and tokens per UTC day and model, newest first."""
     since = timezone.now() - timedelta(days=days)
-    lookup = {"user_id": owner.user_id} if owner.user_id is not None else {
-        "user__isnull": True, "session_key": owner.session_key
-    }
+    lookup = (
+        {"user_id": owner.user_id}
+        if owner.user_id is not None
+        else {"user__isnull": True, "session_key": owner.session_key}
+    )
     return list(
         UsageRecord.objects.filter(created_at__gte=since, **lookup)
         .annotate(date=TruncDate("created_at"))

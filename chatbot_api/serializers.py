@@ -47,9 +47,22 @@ class MessageSerializer(serializers.ModelSerializer):
     class Meta:
         model = Message
         fields = [
-            "id", "conversation", "role", "content", "status", "provider", "model", "prompt_tokens",
-            "completion_tokens", "tokens_estimated", "ttft_ms", "duration_ms", "finish_reason",
-            "error_code", "error_message", "created_at",
+            "id",
+            "conversation",
+            "role",
+            "content",
+            "status",
+            "provider",
+            "model",
+            "prompt_tokens",
+            "completion_tokens",
+            "tokens_estimated",
+            "ttft_ms",
+            "duration_ms",
+            "finish_reason",
+            "error_code",
+            "error_message",
+            "created_at",
         ]
         read_only_fields = fields
 

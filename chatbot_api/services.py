@@ -38,7 +38,9 @@ class Turn:
     assistant_message: Message
 
 
-async def chat_start(*, owner: Owner, text: str, session_id: str | None = None, transport: str = "json") -> Turn:
+async def chat_start(
+    *, owner: Owner, text: str, session_id: str | None = None, transport: str = "json"
+) -> Turn:
     """Save the user's message, create the answer and start generating it in the background.
 
     Returns at once; the answer's events are read with `follow_events()`. Raises

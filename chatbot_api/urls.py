@@ -10,7 +10,9 @@ urlpatterns = [
     path("messages/<str:message_id>/events", views.MessageEventsView.as_view(), name="message-events"),
     path("messages/<str:message_id>/stop", views.MessageStopView.as_view(), name="message-stop"),
     path("conversations/", views.ConversationListView.as_view(), name="conversation-list"),
-    path("conversations/<str:session_id>", views.ConversationDetailView.as_view(), name="conversation-detail"),
+    path(
+        "conversations/<str:session_id>", views.ConversationDetailView.as_view(), name="conversation-detail"
+    ),
     path("usage/", views.UsageView.as_view(), name="usage"),
     path("token/", obtain_auth_token, name="token"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),

@@ -55,7 +55,8 @@ class ChatView(ApiView):
             ),
             (200, "text/event-stream"): OpenApiResponse(
                 StreamEventSerializer,
-                description="Server-Sent Events: `event:` type, `id:` seq, `data:` the event. " + EVENTS_DESCRIPTION,
+                description="Server-Sent Events: `event:` type, `id:` seq, `data:` the event. "
+                + EVENTS_DESCRIPTION,
             ),
             (200, "application/x-ndjson"): OpenApiResponse(
                 StreamEventSerializer, description="One event per line. " + EVENTS_DESCRIPTION
@@ -120,12 +121,16 @@ class MessageEventsView(ApiView):
         parameters=[
             OpenApiParameter("after", int, description="Resume after this sequence number (default 0)."),
             OpenApiParameter(
-                "Last-Event-ID", str, OpenApiParameter.HEADER,
+                "Last-Event-ID",
+                str,
+                OpenApiParameter.HEADER,
                 description="Sent by EventSource on reconnect; wins over `after`.",
             ),
         ],
         responses={
-            (200, "text/event-stream"): OpenApiResponse(StreamEventSerializer, description=EVENTS_DESCRIPTION),
+            (200, "text/event-stream"): OpenApiResponse(
+                StreamEventSerializer, description=EVENTS_DESCRIPTION
+            ),
             404: OpenApiResponse(description="Unknown message, or someone else's."),
         },
     )
@@ -150,7 +155,12 @@ class MessageStopView(ApiView):
         """Stop an answer: the model stops, the partial text is kept as `stopped`. Idempotent."""
         message = await services.message_stop(owner=await owner_for(request), message_id=message_id)
         return Response(
-            {"success": True, "message_id": str(message.id), "status": message.status, "response": message.content}
+            {
+                "success": True,
+                "message_id": str(message.id),
+                "status": message.status,
+                "response": message.content,
+            }
         )
 
 
@@ -176,7 +186,9 @@ class UsageView(ApiView):
                         "requests_per_minute": limits.requests_per_minute,
                         "concurrent_streams": limits.concurrent_streams,
                         "tokens_per_day": limits.tokens_per_day,
-                        "tokens_used_today": await sync_to_async(rate_limiter.tokens_used_today)(owner.rate_key),
+                        "tokens_used_today": await sync_to_async(rate_limiter.tokens_used_today)(
+                            owner.rate_key
+                        ),
                     },
                     "days": days,
                 }
@@ -197,7 +209,9 @@ class ConversationDetailView(ApiView):
     @extend_schema(responses=ConversationDetailSerializer)
     async def get(self, request, session_id):
         """A conversation with its messages."""
-        conversation = await selectors.conversation_get(owner=await owner_for(request), conversation_id=session_id)
+        conversation = await selectors.conversation_get(
+            owner=await owner_for(request), conversation_id=session_id
+        )
         messages = [m async for m in selectors.conversation_messages(conversation=conversation)]
         data = ConversationSerializer(conversation).data
         data["messages"] = MessageSerializer(messages, many=True).data
@@ -209,7 +223,9 @@ class ConversationDetailView(ApiView):
         serializer = ConversationUpdateSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         conversation = await services.conversation_rename(
-            owner=await owner_for(request), conversation_id=session_id, title=serializer.validated_data["title"]
+            owner=await owner_for(request),
+            conversation_id=session_id,
+            title=serializer.validated_data["title"],
         )
         return Response(ConversationSerializer(conversation).data)
 
@@ -218,5 +234,3 @@ class ConversationDetailView(ApiView):
         """Delete a conversation and its messages (a running answer is stopped first)."""
         await services.conversation_delete(owner=await owner_for(request), conversation_id=session_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
-
-

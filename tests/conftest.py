@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-
 from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, Script
 
 
@@ -23,7 +22,12 @@ def upstream(fake_server, settings):
     fake_server.fake.default = Script()
     settings.OPENAI_API_KEY = "sk-test-not-a-real-key"
     settings.OPENAI_BASE_URL = fake_server.url
-    settings.CHATBOT = {**settings.CHATBOT, "PROVIDER": "openai", "MODEL": "gpt-4.1-nano", "OPENAI_MAX_RETRIES": 0}
+    settings.CHATBOT = {
+        **settings.CHATBOT,
+        "PROVIDER": "openai",
+        "MODEL": "gpt-4.1-nano",
+        "OPENAI_MAX_RETRIES": 0,
+    }
     yield fake_server.fake
     fake_server.fake.abort_streams()
 
@@ -58,7 +62,6 @@ def fresh_manager():
 async def manager(fresh_manager):
     """The generation manager, shut down (answers saved) when the test ends."""
     from chatbot_api.generation import get_manager
-
     from chatbot_api.providers import get_provider
 
     manager = get_manager()

@@ -16,7 +16,9 @@ async def post_chat(client: AsyncClient, body, **headers):
 
 
 async def test_answer_is_assembled_and_saved(upstream, manager):
-    upstream.enqueue(Script(chunks=["Ciao", ", come", " stai?"], usage={"prompt_tokens": 21, "completion_tokens": 3}))
+    upstream.enqueue(
+        Script(chunks=["Ciao", ", come", " stai?"], usage={"prompt_tokens": 21, "completion_tokens": 3})
+    )
     client = AsyncClient()
 
     response = await post_chat(client, {"message": "Hello"})
@@ -235,6 +237,7 @@ async def test_openapi_schema_documents_the_event_stream():
     chat = schema["paths"]["/api/chat/"]["post"]["responses"]["200"]["content"]
     assert set(chat) == {"application/json", "text/event-stream", "application/x-ndjson"}
     assert "StreamEvent" in schema["components"]["schemas"]
-    assert "text/event-stream" in schema["paths"]["/api/messages/{message_id}/events"]["get"]["responses"]["200"][
-        "content"
-    ]
+    assert (
+        "text/event-stream"
+        in schema["paths"]["/api/messages/{message_id}/events"]["get"]["responses"]["200"]["content"]
+    )

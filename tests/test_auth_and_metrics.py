@@ -34,7 +34,7 @@ async def test_signed_in_users_own_their_conversations(upstream, manager):
     bob, _ = await user_client("bob")
     anonymous = AsyncClient()
     upstream.enqueue(Script(chunks=["alice's"], hang_after=1))
-    body = (await chat(alice, headers={"Accept": "application/x-ndjson"}))
+    body = await chat(alice, headers={"Accept": "application/x-ndjson"})
     first = await anext(aiter(body.streaming_content))
     message_id = first.decode().split('"message_id":"')[1].split('"')[0]
     session_id = (await Message.objects.select_related("conversation").aget(pk=message_id)).conversation_id
@@ -45,9 +45,13 @@ async def test_signed_in_users_own_their_conversations(upstream, manager):
             await other.get(f"/api/messages/{message_id}/events"),
             await other.post(f"/api/messages/{message_id}/stop"),
             await other.get(f"/api/conversations/{session_id}"),
-            await other.patch(f"/api/conversations/{session_id}", {"title": "x"}, content_type="application/json"),
+            await other.patch(
+                f"/api/conversations/{session_id}", {"title": "x"}, content_type="application/json"
+            ),
             await other.delete(f"/api/conversations/{session_id}"),
-            await chat(other, session_id=None) if False else await other.post(
+            await chat(other, session_id=None)
+            if False
+            else await other.post(
                 "/api/chat/", {"message": "x", "session_id": str(session_id)}, content_type="application/json"
             ),
         ]:
@@ -57,19 +61,24 @@ async def test_signed_in_users_own_their_conversations(upstream, manager):
     conversations = (await alice.get("/api/conversations/")).json()
     assert [c["session_id"] for c in conversations] == [str(session_id)]
     assert (await alice.post(f"/api/messages/{message_id}/stop")).json()["status"] == "stopped"
-    assert (await Message.objects.select_related("conversation").aget(pk=message_id)).conversation.user_id == (
-        alice_user.pk
-    )
+    assert (
+        await Message.objects.select_related("conversation").aget(pk=message_id)
+    ).conversation.user_id == (alice_user.pk)
 
 
 async def test_websocket_ownership_across_users(upstream, manager):
     alice, _ = await user_client("alice")
     body = (await chat(alice)).json()
     bob, _ = await user_client("bob")
-    ws = WebsocketCommunicator(application, "/ws/chat/", headers=[
-        (b"origin", b"http://localhost"), (b"host", b"localhost"),
-        (b"cookie", f"sessionid={bob.cookies['sessionid'].value}".encode()),
-    ])
+    ws = WebsocketCommunicator(
+        application,
+        "/ws/chat/",
+        headers=[
+            (b"origin", b"http://localhost"),
+            (b"host", b"localhost"),
+            (b"cookie", f"sessionid={bob.cookies['sessionid'].value}".encode()),
+        ],
+    )
     assert (await ws.connect())[0]
     await ws.send_json_to({"type": "resume", "message_id": body["message_id"], "after": 0})
     assert (await ws.receive_json_from(timeout=5))["code"] == "message_not_found"
@@ -88,14 +97,22 @@ async def test_api_token_authentication_needs_no_csrf(upstream, manager):
 
     first = (await chat(client, headers=auth)).json()
     second = await client.post(
-        "/api/chat/", {"message": "again", "session_id": first["session_id"]}, content_type="application/json",
+        "/api/chat/",
+        {"message": "again", "session_id": first["session_id"]},
+        content_type="application/json",
         headers=auth,
     )
 
     assert second.status_code == 200, "a token client continues its conversations without cookies"
-    ws = WebsocketCommunicator(application, "/ws/chat/", headers=[
-        (b"origin", b"http://localhost"), (b"host", b"localhost"), (b"authorization", f"Token {token}".encode()),
-    ])
+    ws = WebsocketCommunicator(
+        application,
+        "/ws/chat/",
+        headers=[
+            (b"origin", b"http://localhost"),
+            (b"host", b"localhost"),
+            (b"authorization", f"Token {token}".encode()),
+        ],
+    )
     assert (await ws.connect())[0]
     await ws.send_json_to({"type": "resume", "message_id": first["message_id"], "after": 0})
     assert (await ws.receive_json_from(timeout=5))["type"] == "meta"
@@ -123,8 +140,9 @@ async def test_anonymous_use_can_be_switched_off(upstream, manager, chatbot_sett
     assert response.status_code in (401, 403) and response.json()["code"] == "not_authenticated"
     client, _ = await user_client("dave")
     assert (await chat(client)).status_code == 200
-    ws = WebsocketCommunicator(application, "/ws/chat/", headers=[(b"origin", b"http://localhost"),
-                                                               (b"host", b"localhost")])
+    ws = WebsocketCommunicator(
+        application, "/ws/chat/", headers=[(b"origin", b"http://localhost"), (b"host", b"localhost")]
+    )
     connected, code = await ws.connect()
     assert not connected and code == 4403
     page = await AsyncClient().get("/")
@@ -200,12 +218,27 @@ async def test_one_log_line_per_answer_without_content_or_secrets(upstream, mana
     body = (await chat(client, "PRIVATE-QUESTION-17")).json()
 
     text = caplog.text
-    for secret in ("PRIVATE-QUESTION-17", "PRIVATE-ANSWER-42", "sk-test-not-a-real-key", token.key,
-                   "pw-erin-123456"):
+    for secret in (
+        "PRIVATE-QUESTION-17",
+        "PRIVATE-ANSWER-42",
+        "sk-test-not-a-real-key",
+        token.key,
+        "pw-erin-123456",
+    ):
         assert secret not in text
-    lines = [r.getMessage() for r in caplog.records if r.name == "chatbot.generation" and "answer" in r.getMessage()]
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "chatbot.generation" and "answer" in r.getMessage()
+    ]
     assert len(lines) == 1
     assert f"message={body['message_id']}" in lines[0]
-    for field in ("model=gpt-4.1-nano", "outcome=complete", "prompt_tokens=", "completion_tokens=", "ttft_ms=",
-                  "duration_ms="):
+    for field in (
+        "model=gpt-4.1-nano",
+        "outcome=complete",
+        "prompt_tokens=",
+        "completion_tokens=",
+        "ttft_ms=",
+        "duration_ms=",
+    ):
         assert field in lines[0]

@@ -57,7 +57,9 @@ async def test_requests_per_minute(upstream, manager, chatbot_settings, clock):
     assert refused["Retry-After"] == "30"
     body = refused.json()
     assert body["success"] is False and body["code"] == "rate_limited"
-    assert body["limit"] == "requests_per_minute" and body["retry_after"] == 30 and "2 a minute" in body["error"]
+    assert (
+        body["limit"] == "requests_per_minute" and body["retry_after"] == 30 and "2 a minute" in body["error"]
+    )
     assert await Message.objects.acount() == 4, "nothing is half-started"
     assert len(upstream.history) == 2
 
@@ -92,7 +94,9 @@ async def test_concurrent_streams_under_real_parallel_streams(upstream, manager,
     await client.post(f"/api/messages/{message_ids[1]}/stop")
 
 
-async def test_token_quota_counts_real_usage_and_resets_at_midnight(upstream, manager, chatbot_settings, clock):
+async def test_token_quota_counts_real_usage_and_resets_at_midnight(
+    upstream, manager, chatbot_settings, clock
+):
     chatbot_settings(TOKENS_PER_DAY=30)
     upstream.enqueue(Script(chunks=["x"], usage={"prompt_tokens": 20, "completion_tokens": 15}))
     client = AsyncClient()
@@ -120,7 +124,9 @@ async def test_local_model_usage_is_counted(manager, chatbot_settings):
     record = await UsageRecord.objects.aget(message_id=body["message_id"])
     assert record.prompt_tokens > 5 and 0 < record.completion_tokens <= 8 and record.estimated is False
     assert body["usage"] == {
-        "prompt_tokens": record.prompt_tokens, "completion_tokens": record.completion_tokens, "estimated": False
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "estimated": False,
     }
     assert rate_limiter.tokens_used_today("ip:127.0.0.1") == record.total_tokens
 
@@ -138,7 +144,12 @@ async def test_usage_endpoint_per_day_and_model(upstream, manager):
 
     assert usage["today"]["answers"] == 3 and usage["today"]["prompt_tokens"] >= 20
     [day] = usage["days"]
-    assert (day["model"], day["provider"], day["answers"], day["estimated_answers"]) == ("gpt-4.1-nano", "openai", 3, 1)
+    assert (day["model"], day["provider"], day["answers"], day["estimated_answers"]) == (
+        "gpt-4.1-nano",
+        "openai",
+        3,
+        1,
+    )
 
 
 async def test_usage_record_survives_deleting_the_conversation(upstream, manager):
@@ -165,10 +176,15 @@ async def test_websocket_rate_limited_error_frame(upstream, manager, chatbot_set
     chatbot_settings(REQUESTS_PER_MINUTE=1)
     client = AsyncClient()
     await client.get("/")
-    ws = WebsocketCommunicator(application, "/ws/chat/", headers=[
-        (b"origin", b"http://localhost"), (b"host", b"localhost"),
-        (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode()),
-    ])
+    ws = WebsocketCommunicator(
+        application,
+        "/ws/chat/",
+        headers=[
+            (b"origin", b"http://localhost"),
+            (b"host", b"localhost"),
+            (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode()),
+        ],
+    )
     assert (await ws.connect())[0]
     await ws.send_json_to({"type": "chat", "message": "one"})
     while (await ws.receive_json_from(timeout=5))["type"] not in ("done", "error"):
@@ -178,7 +194,9 @@ async def test_websocket_rate_limited_error_frame(upstream, manager, chatbot_set
     error = await ws.receive_json_from(timeout=5)
 
     assert error["type"] == "error" and error["code"] == "rate_limited"
-    assert error["limit"] == "requests_per_minute" and error["retry_after"] >= 1 and error["retryable"] is True
+    assert (
+        error["limit"] == "requests_per_minute" and error["retry_after"] >= 1 and error["retryable"] is True
+    )
     await ws.disconnect()
 
 

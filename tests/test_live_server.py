@@ -76,8 +76,9 @@ async def test_disconnect_then_resume_over_http(upstream, live_server_url):
     upstream.enqueue(Script(chunks=[f"{i} " for i in range(20)], interval=0.03))
     async with new_browser(live_server_url) as client:
         seen = []
-        async with client.stream("POST", "/api/chat/", json={"message": "Hi"},
-                                 headers={"Accept": "text/event-stream"}) as response:
+        async with client.stream(
+            "POST", "/api/chat/", json={"message": "Hi"}, headers={"Accept": "text/event-stream"}
+        ) as response:
             buffer = b""
             async for chunk in response.aiter_raw():
                 buffer += chunk
@@ -100,8 +101,9 @@ async def test_real_disconnect_stops_the_answer_when_configured(upstream, live_s
     chatbot_settings(CANCEL_ON_DISCONNECT=True)
     upstream.enqueue(Script(chunks=["a", "b", "c"], hang_after=2))
     async with new_browser(live_server_url) as client:
-        async with client.stream("POST", "/api/chat/", json={"message": "Hi"},
-                                 headers={"Accept": "text/event-stream"}) as response:
+        async with client.stream(
+            "POST", "/api/chat/", json={"message": "Hi"}, headers={"Accept": "text/event-stream"}
+        ) as response:
             raw = b""
             async for chunk in response.aiter_raw():
                 raw += chunk

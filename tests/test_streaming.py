@@ -71,13 +71,18 @@ async def test_sse_frames_arrive_one_by_one_before_upstream_finishes(upstream, m
     assert text_of(frames) == "t0 t1 t2 t3 t4 t5 "
     upstream_request = upstream.history[-1]
     first_delta_at = next(t for t, f in frames if f["event"] == "delta")
-    assert first_delta_at < upstream_request.closed_at - 0.2, "the first token must arrive while upstream streams"
+    assert first_delta_at < upstream_request.closed_at - 0.2, (
+        "the first token must arrive while upstream streams"
+    )
     delta_times = [t for t, f in frames if f["event"] == "delta"]
     gaps = [b - a for a, b in zip(delta_times, delta_times[1:], strict=False)]
     assert min(gaps) > 0.03, "deltas are relayed as produced, not batched"
     assert frames[-1][1]["data"] == {
-        "type": "done", "seq": 9, "message_id": frames[0][1]["data"]["message_id"],
-        "status": "complete", "finish_reason": "stop",
+        "type": "done",
+        "seq": 9,
+        "message_id": frames[0][1]["data"]["message_id"],
+        "status": "complete",
+        "finish_reason": "stop",
     }
     meta = frames[0][1]["data"]
     assert meta["model"] == "gpt-4.1-nano" and meta["provider"] == "openai"
@@ -96,7 +101,10 @@ async def test_sse_headers(upstream, manager):
 async def test_ndjson_is_the_same_event_stream(upstream, manager):
     upstream.enqueue(Script(chunks=["a", "b"]))
     response = await AsyncClient().post(
-        "/api/chat/", {"message": "Hi"}, content_type="application/json", headers={"Accept": "application/x-ndjson"}
+        "/api/chat/",
+        {"message": "Hi"},
+        content_type="application/json",
+        headers={"Accept": "application/x-ndjson"},
     )
     assert response["Content-Type"] == "application/x-ndjson"
     raw = b"".join([chunk async for chunk in response.streaming_content])
@@ -122,7 +130,9 @@ async def test_disconnect_then_resume_gives_exactly_the_missing_events(upstream,
     message_id = first[0][1]["data"]["message_id"]
     last_seen = int(first[-1][1]["id"])
 
-    resumed = await client.get(f"/api/messages/{message_id}/events", headers={"Last-Event-ID": str(last_seen)})
+    resumed = await client.get(
+        f"/api/messages/{message_id}/events", headers={"Last-Event-ID": str(last_seen)}
+    )
     rest = await read_frames(resumed)
 
     seqs = [int(f["id"]) for _, f in first + rest]
@@ -166,7 +176,12 @@ async def test_stop_cancels_upstream_and_keeps_the_partial_text(upstream, manage
     stop = await client.post(f"/api/messages/{message_id}/stop")
 
     assert stop.status_code == 200
-    assert stop.json() == {"success": True, "message_id": message_id, "status": "stopped", "response": "one two "}
+    assert stop.json() == {
+        "success": True,
+        "message_id": message_id,
+        "status": "stopped",
+        "response": "one two ",
+    }
     upstream_request = await upstream.wait_for_disconnect_async(timeout=2)
     assert upstream_request.disconnected and upstream_request.closed_at - stopped_at < 1.0
     rest = await asyncio.wait_for(reader, 2)
@@ -192,8 +207,9 @@ async def test_stop_of_a_finished_answer_changes_nothing(upstream, manager):
         ({"TOTAL_TIMEOUT": 0.5}, Script(chunks=["x"] * 100, interval=0.05), "total", None),
     ],
 )
-async def test_each_timeout_ends_the_answer_with_its_error(upstream, manager, chatbot_settings, limits, script,
-                                                         limit, partial):
+async def test_each_timeout_ends_the_answer_with_its_error(
+    upstream, manager, chatbot_settings, limits, script, limit, partial
+):
     chatbot_settings(**limits)
     upstream.enqueue(script)
 
@@ -262,13 +278,18 @@ async def test_partial_text_is_flushed_in_batches_not_per_token(upstream, manage
 
     assert len(text_of(fast)) == 300 and fast_flushes <= 2, "300 tokens at once: one or two writes, not 300"
     assert 3 <= slow_flushes <= 8, "a 0.6 s answer flushed about every 0.1 s"
-    assert partial.status == "streaming" and 1 <= len(partial.content) < 10, "partial text reaches the database"
+    assert partial.status == "streaming" and 1 <= len(partial.content) < 10, (
+        "partial text reaches the database"
+    )
 
 
 async def test_orphan_sweep_marks_interrupted_and_keeps_text(manager):
     conversation = await Conversation.objects.acreate(session_key="s" * 32)
     stale = await Message.objects.acreate(
-        conversation=conversation, role="assistant", status="streaming", content="half an ans",
+        conversation=conversation,
+        role="assistant",
+        status="streaming",
+        content="half an ans",
         heartbeat_at=timezone.now() - timedelta(minutes=5),
     )
     fresh = await Message.objects.acreate(
@@ -289,8 +310,12 @@ async def test_events_of_an_interrupted_answer_end_with_an_error(manager):
     session_key = client.cookies["sessionid"].value
     conversation = await Conversation.objects.acreate(session_key=session_key)
     message = await Message.objects.acreate(
-        conversation=conversation, role="assistant", status="interrupted", content="cut",
-        error_code="interrupted", error_message="The server stopped.",
+        conversation=conversation,
+        role="assistant",
+        status="interrupted",
+        content="cut",
+        error_code="interrupted",
+        error_message="The server stopped.",
     )
 
     frames = await read_frames(await client.get(f"/api/messages/{message.id}/events"))

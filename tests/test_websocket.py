@@ -19,7 +19,9 @@ async def browser_session() -> str:
     return client.cookies["sessionid"].value
 
 
-async def connect(session_key: str | None = None, origin: bytes = b"http://localhost") -> WebsocketCommunicator:
+async def connect(
+    session_key: str | None = None, origin: bytes = b"http://localhost"
+) -> WebsocketCommunicator:
     headers = [(b"origin", origin), (b"host", b"localhost")]
     if session_key:
         headers.append((b"cookie", f"sessionid={session_key}".encode()))
@@ -109,9 +111,14 @@ async def test_disconnect_leaves_the_answer_running(upstream, manager):
     [
         ({"type": "chat", "message": ""}, "invalid"),
         ({"type": "chat", "message": "x" * 1001}, "invalid"),
-        ({"type": "chat", "message": "hi", "session_id": "00000000-0000-0000-0000-000000000000"},
-         "conversation_not_found"),
-        ({"type": "resume", "message_id": "00000000-0000-0000-0000-000000000000", "after": 0}, "message_not_found"),
+        (
+            {"type": "chat", "message": "hi", "session_id": "00000000-0000-0000-0000-000000000000"},
+            "conversation_not_found",
+        ),
+        (
+            {"type": "resume", "message_id": "00000000-0000-0000-0000-000000000000", "after": 0},
+            "message_not_found",
+        ),
         ({"type": "resume", "message_id": "00000000-0000-0000-0000-000000000000", "after": -1}, "invalid"),
         ({"type": "stop", "message_id": "nope"}, "message_not_found"),
         ({"type": "dance"}, "invalid"),

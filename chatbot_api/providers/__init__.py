@@ -13,7 +13,6 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from ..errors import ProviderError
-
 from .base import Chunk, Provider, Usage
 
 __all__ = ["Chunk", "Provider", "Usage", "get_provider", "reset_provider"]
@@ -53,7 +52,9 @@ class UnavailableProvider(Provider):
         self.reason = reason
 
     async def stream(self, messages, *, max_tokens, temperature):
-        raise ProviderError(f"The model is not available: {self.reason}", code="model_unavailable", status_code=503)
+        raise ProviderError(
+            f"The model is not available: {self.reason}", code="model_unavailable", status_code=503
+        )
         yield  # pragma: no cover
 
 

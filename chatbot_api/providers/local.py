@@ -270,7 +270,8 @@ class _Worker:
             raise ProviderError(
                 f"The conversation ({len(prompt)} tokens) does not fit the local model's context of "
                 f"{llm.n_ctx()} tokens: start a new conversation or raise CHATBOT_LOCAL_CONTEXT.",
-                code="context_length_exceeded", status_code=400,
+                code="context_length_exceeded",
+                status_code=400,
             )
         limit = min(job.max_tokens, room)
         is_eog = _llama_cpp().llama_vocab_is_eog
@@ -309,7 +310,8 @@ class _Worker:
             raise ProviderError(
                 f"The local model {provider.model_path} could not be loaded ({exc}): check that "
                 "CHATBOT_LOCAL_MODEL_PATH is a complete GGUF file this llama.cpp supports.",
-                code="model_unavailable", status_code=503,
+                code="model_unavailable",
+                status_code=503,
             ) from exc
         finally:
             _quiet_llama_logs()
@@ -336,10 +338,14 @@ class _Worker:
 
     async def aclose(self) -> None:
         for job in self.jobs:
-            job.fail(ProviderError(
-                "The local model was shut down before the answer finished.",
-                code="model_unavailable", status_code=503, retryable=True,
-            ))
+            job.fail(
+                ProviderError(
+                    "The local model was shut down before the answer finished.",
+                    code="model_unavailable",
+                    status_code=503,
+                    retryable=True,
+                )
+            )
         # Queued behind the cancelled requests (which stop within a token), so the model is
         # freed on the thread that used it and never while it generates.
         await asyncio.wrap_future(self.executor.submit(self.unload))

@@ -23,8 +23,9 @@ class OpenAIProvider(Provider):
     name = "openai"
     context_window = 128_000
 
-    def __init__(self, *, api_key: str, base_url: str | None, model_id: str, connect_timeout: float,
-                 max_retries: int):
+    def __init__(
+        self, *, api_key: str, base_url: str | None, model_id: str, connect_timeout: float, max_retries: int
+    ):
         self.api_key = api_key
         self.base_url = base_url or None
         self.model_id = model_id
@@ -53,7 +54,9 @@ class OpenAIProvider(Provider):
             max_retries=self.max_retries,
         )
 
-    async def stream(self, messages: list[dict], *, max_tokens: int, temperature: float) -> AsyncIterator[Chunk]:
+    async def stream(
+        self, messages: list[dict], *, max_tokens: int, temperature: float
+    ) -> AsyncIterator[Chunk]:
         try:
             response = await self.client.chat.completions.create(
                 model=self.model_id,
@@ -99,17 +102,22 @@ def _provider_error(exc: openai.APIError) -> ProviderError:
     if isinstance(exc, openai.APITimeoutError):
         return ProviderError(
             "Could not connect to the model server in time (connect limit).",
-            code="timeout_connect", status_code=504, retryable=True,
+            code="timeout_connect",
+            status_code=504,
+            retryable=True,
         )
     if isinstance(exc, openai.APIConnectionError):
         return ProviderError(
             "Could not reach the model server, or it closed the connection mid-answer.",
-            code="upstream_unavailable", retryable=True,
+            code="upstream_unavailable",
+            retryable=True,
         )
     if isinstance(exc, openai.RateLimitError):
         return ProviderError(
             "The model server is rate limiting us; try again in a moment.",
-            code="upstream_rate_limited", status_code=503, retryable=True,
+            code="upstream_rate_limited",
+            status_code=503,
+            retryable=True,
         )
     if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
         return ProviderError(
@@ -117,12 +125,14 @@ def _provider_error(exc: openai.APIError) -> ProviderError:
         )
     if isinstance(exc, openai.NotFoundError):
         return ProviderError(
-            "The model server does not know this model: check CHATBOT_MODEL.", code="model_unavailable",
+            "The model server does not know this model: check CHATBOT_MODEL.",
+            code="model_unavailable",
             status_code=503,
         )
     if isinstance(exc, openai.APIStatusError):
         return ProviderError(
-            f"The model server failed (HTTP {exc.status_code}).", code="upstream_error",
+            f"The model server failed (HTTP {exc.status_code}).",
+            code="upstream_error",
             retryable=exc.status_code >= 500,
         )
     return ProviderError(f"The model server sent an error: {exc.message}", code="upstream_error")

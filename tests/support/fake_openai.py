@@ -293,7 +293,7 @@ class FakeOpenAI:
             return record
 
     # ``timeout`` mirrors the sync helpers on purpose, hence the ASYNC109 waivers.
-    async def wait_for_request_async(self, n: int = 1, timeout: float = 5.0) -> RecordedRequest:  # noqa: ASYNC109
+    async def wait_for_request_async(self, n: int = 1, timeout: float = 5.0) -> RecordedRequest:
         """Like :meth:`wait_for_request` without blocking the caller's event loop."""
         deadline = time.monotonic() + timeout
         while len(self.history) < n:
@@ -305,7 +305,7 @@ class FakeOpenAI:
     async def wait_for_disconnect_async(
         self,
         index: int = -1,
-        timeout: float = 5.0,  # noqa: ASYNC109
+        timeout: float = 5.0,
     ) -> RecordedRequest:
         """Like :meth:`wait_for_disconnect` without blocking the caller's event loop."""
         probe = self._closed_probe(index)
