@@ -13,6 +13,7 @@ from rest_framework.authtoken.models import Token
 
 from chatbot.asgi import application
 from chatbot_api.models import Message
+from tests.support.clients import websocket
 from tests.support.fake_openai import Script
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -70,16 +71,7 @@ async def test_websocket_ownership_across_users(upstream, manager):
     alice, _ = await user_client("alice")
     body = (await chat(alice)).json()
     bob, _ = await user_client("bob")
-    ws = WebsocketCommunicator(
-        application,
-        "/ws/chat/",
-        headers=[
-            (b"origin", b"http://localhost"),
-            (b"host", b"localhost"),
-            (b"cookie", f"sessionid={bob.cookies['sessionid'].value}".encode()),
-        ],
-    )
-    assert (await ws.connect())[0]
+    ws = await websocket(session_key=bob.cookies["sessionid"].value)
     await ws.send_json_to({"type": "resume", "message_id": body["message_id"], "after": 0})
     assert (await ws.receive_json_from(timeout=5))["code"] == "message_not_found"
     await ws.disconnect()
@@ -104,16 +96,7 @@ async def test_api_token_authentication_needs_no_csrf(upstream, manager):
     )
 
     assert second.status_code == 200, "a token client continues its conversations without cookies"
-    ws = WebsocketCommunicator(
-        application,
-        "/ws/chat/",
-        headers=[
-            (b"origin", b"http://localhost"),
-            (b"host", b"localhost"),
-            (b"authorization", f"Token {token}".encode()),
-        ],
-    )
-    assert (await ws.connect())[0]
+    ws = await websocket(token=token)
     await ws.send_json_to({"type": "resume", "message_id": first["message_id"], "after": 0})
     assert (await ws.receive_json_from(timeout=5))["type"] == "meta"
     await ws.disconnect()

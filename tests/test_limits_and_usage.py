@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import User
 from django.test import AsyncClient
 
-from chatbot.asgi import application
 from chatbot_api.limits import RateLimiter, rate_limiter
 from chatbot_api.models import Conversation, Message, UsageRecord, UserQuota
+from tests.support.clients import browser_session, websocket
 from tests.support.fake_openai import Script
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -174,18 +173,7 @@ async def test_staff_override_per_user(upstream, manager, chatbot_settings, cloc
 
 async def test_websocket_rate_limited_error_frame(upstream, manager, chatbot_settings, clock):
     chatbot_settings(REQUESTS_PER_MINUTE=1)
-    client = AsyncClient()
-    await client.get("/")
-    ws = WebsocketCommunicator(
-        application,
-        "/ws/chat/",
-        headers=[
-            (b"origin", b"http://localhost"),
-            (b"host", b"localhost"),
-            (b"cookie", f"sessionid={client.cookies['sessionid'].value}".encode()),
-        ],
-    )
-    assert (await ws.connect())[0]
+    ws = await websocket(session_key=await browser_session())
     await ws.send_json_to({"type": "chat", "message": "one"})
     while (await ws.receive_json_from(timeout=5))["type"] not in ("done", "error"):
         pass

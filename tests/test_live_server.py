@@ -11,8 +11,8 @@ import httpx
 import pytest
 import websockets
 
-from chatbot_api.models import Message
 from tests.conftest import parse_sse
+from tests.support.clients import wait_for_status
 from tests.support.fake_openai import Script
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -26,15 +26,6 @@ async def new_browser(base_url: str):
         client.headers["X-CSRFToken"] = client.cookies["csrftoken"]
         client.headers["Referer"] = base_url + "/"
         yield client
-
-
-async def wait_for_status(message_id, statuses, timeout=5.0) -> Message:
-    deadline = time.monotonic() + timeout
-    while True:
-        message = await Message.objects.aget(pk=message_id)
-        if message.status in statuses or time.monotonic() > deadline:
-            return message
-        await asyncio.sleep(0.02)
 
 
 async def test_sse_reaches_the_socket_frame_by_frame(upstream, live_server_url):

@@ -45,8 +45,9 @@ async def provider(local_settings):
     await provider.aclose()
 
 
-async def answer(provider: LocalProvider, messages: list[dict], *, max_tokens: int = 16,
-                 temperature: float = 0.0) -> tuple[str, list[Chunk]]:
+async def answer(
+    provider: LocalProvider, messages: list[dict], *, max_tokens: int = 16, temperature: float = 0.0
+) -> tuple[str, list[Chunk]]:
     stream = provider.stream(messages, max_tokens=max_tokens, temperature=temperature)
     chunks = [chunk async for chunk in stream]
     return "".join(chunk.text for chunk in chunks), chunks

@@ -15,6 +15,7 @@ from django.utils import timezone
 from chatbot_api.generation import sweep_orphans
 from chatbot_api.models import Conversation, Message
 from tests.conftest import parse_sse
+from tests.support.clients import wait_for_status
 from tests.support.fake_openai import Script
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -47,15 +48,6 @@ async def read_frames(response, *, limit: int | None = None) -> list[tuple[float
 
 def text_of(frames) -> str:
     return "".join(f["data"]["text"] for _, f in frames if f["event"] == "delta")
-
-
-async def wait_for_status(message_id, statuses, timeout=5.0) -> Message:
-    deadline = time.monotonic() + timeout
-    while True:
-        message = await Message.objects.aget(pk=message_id)
-        if message.status in statuses or time.monotonic() > deadline:
-            return message
-        await asyncio.sleep(0.02)
 
 
 async def test_sse_frames_arrive_one_by_one_before_upstream_finishes(upstream, manager):

@@ -4,31 +4,17 @@ from __future__ import annotations
 
 import pytest
 from channels.testing import WebsocketCommunicator
-from django.test import AsyncClient
 
 from chatbot.asgi import application
 from chatbot_api.models import Message
+from tests.support.clients import browser_session, websocket
 from tests.support.fake_openai import Script
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
 
-async def browser_session() -> str:
-    client = AsyncClient()
-    await client.get("/")
-    return client.cookies["sessionid"].value
-
-
-async def connect(
-    session_key: str | None = None, origin: bytes = b"http://localhost"
-) -> WebsocketCommunicator:
-    headers = [(b"origin", origin), (b"host", b"localhost")]
-    if session_key:
-        headers.append((b"cookie", f"sessionid={session_key}".encode()))
-    communicator = WebsocketCommunicator(application, "/ws/chat/", headers=headers)
-    connected, _ = await communicator.connect()
-    assert connected
-    return communicator
+async def connect(session_key: str | None = None) -> WebsocketCommunicator:
+    return await websocket(session_key=session_key)
 
 
 async def receive_until_terminal(communicator, *, limit: int | None = None, timeout: float = 5) -> list[dict]:

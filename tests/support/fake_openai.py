@@ -41,6 +41,8 @@ from typing import Any
 
 import uvicorn
 
+from tests.support.servers import UvicornThread
+
 __all__ = ["FakeOpenAI", "FakeOpenAIServer", "RecordedRequest", "Script", "serve_forever"]
 
 ASGIMessage = MutableMapping[str, Any]
@@ -601,7 +603,7 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-class FakeOpenAIServer:
+class FakeOpenAIServer(UvicornThread):
     """Runs a :class:`FakeOpenAI` under uvicorn on ``127.0.0.1`` in a daemon thread with its own loop.
 
     Use as ``with FakeOpenAIServer() as server:`` (or ``start()``/``stop()`` from a fixture); point the
@@ -610,57 +612,18 @@ class FakeOpenAIServer:
 
     def __init__(self, fake: FakeOpenAI | None = None, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.fake = fake if fake is not None else FakeOpenAI()
-        self.host = host
-        self.port = port
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        super().__init__(
+            self.fake, host=host, port=port, lifespan="off", ws="none", timeout_graceful_shutdown=2
+        )
 
     @property
     def url(self) -> str:
         """OpenAI ``base_url`` (with ``/v1``)."""
-        return f"http://{self.host}:{self.port}/v1"
-
-    def start(self, timeout: float = 10.0) -> FakeOpenAIServer:
-        if self._thread is not None:
-            raise RuntimeError("FakeOpenAIServer already started")
-        config = uvicorn.Config(
-            self.fake,
-            host=self.host,
-            port=self.port,
-            log_level="warning",
-            log_config=None,  # don't dictConfig() the test process's logging
-            access_log=False,
-            lifespan="off",
-            ws="none",
-            timeout_graceful_shutdown=2,
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, name="fake-openai", daemon=True)
-        self._server, self._thread = server, thread
-        thread.start()
-        deadline = time.monotonic() + timeout
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("fake OpenAI server failed to start")
-            time.sleep(0.005)
-        self.port = server.servers[0].sockets[0].getsockname()[1]
-        return self
+        return f"{self.origin}/v1"
 
     def stop(self, timeout: float = 10.0) -> None:
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None or thread is None:
-            return
-        self.fake.abort_streams()
-        server.should_exit = True
-        thread.join(timeout)
-
-    def __enter__(self) -> FakeOpenAIServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        self.fake.abort_streams()  # a hung script must not hold up the shutdown
+        super().stop(timeout)
 
 
 def serve_forever(
