@@ -1,0 +1,91 @@
+"""Browser tests: Debian's Chromium driven by Playwright against the real ASGI app.
+
+Playwright must never download a browser: it launches /usr/bin/chromium (CI installs it with
+`apt-get install chromium`). The tests are plain sync functions: Playwright's sync API cannot
+run inside an asyncio loop.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from tests.browser.pages import DESKTOP, wait_ready
+
+os.environ["PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD"] = "1"
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API keeps an event loop on this thread, so Django would refuse the test
+    # database's own queries (flush, fixtures) as "async unsafe": the documented opt-out.
+    previous = os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    try:
+        yield from _launch(sync_playwright)
+    finally:
+        if previous is None:
+            os.environ.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+        else:
+            os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
+
+
+def _launch(sync_playwright):
+    with sync_playwright() as playwright:
+        # launch() gives every browser a fresh, temporary user-data-dir.
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(autouse=True)
+def plain_static_files(settings):
+    """Serve static files by their plain names: the tests run without `collectstatic`'s manifest."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+
+
+@pytest.fixture
+def open_page(browser, live_server_url):
+    """Open the chat page: `open_page(locale="it-IT", viewport=PHONE, color_scheme="dark")`.
+
+    Fails the test if the page raised a JavaScript error.
+    """
+    contexts = []
+    errors: list[str] = []
+
+    def open_(locale="en-US", viewport=DESKTOP, color_scheme="light", path="/", origin=None):
+        context = browser.new_context(locale=locale, viewport=viewport, color_scheme=color_scheme)
+        context.set_default_timeout(10_000)
+        contexts.append(context)
+        page = context.new_page()
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto((origin or live_server_url) + path)
+        if path == "/":
+            wait_ready(page)
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+    assert errors == [], "JavaScript errors on the page"

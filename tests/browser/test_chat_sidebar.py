@@ -1,0 +1,154 @@
+"""Conversations in the sidebar, on desktop and phone, light and dark."""
+
+from __future__ import annotations
+
+import pytest
+from playwright.sync_api import expect
+
+from chatbot_api.models import Conversation
+from tests.browser.pages import PHONE, screenshot, send, wait_answer_finished, wait_ready
+from tests.support.fake_openai import Script
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+ANSWER_ONE = "Rome is the **capital** of Italy."
+ANSWER_TWO = "Use `sorted()`:\n\n```python\nprint(sorted([3, 1, 2]))\n```\n"
+
+
+def conversation(page, title: str):
+    return page.locator(".conversation", has=page.locator(".conversation-open", has_text=title))
+
+
+def start_two_conversations(page, upstream) -> None:
+    upstream.enqueue(Script(chunks=[ANSWER_ONE]), Script(chunks=[ANSWER_TWO]))
+    send(page, "What is the capital of Italy?")
+    wait_answer_finished(page)
+    expect(page.locator(".conversation")).to_have_count(1)
+    page.locator("#newChatButton, #newChatCompactButton").locator("visible=true").click()
+    expect(page.locator(".message")).to_have_count(0)
+    expect(page.locator("#emptyState")).to_be_visible()
+    send(page, "How do I sort a list in Python?", streaming=True)
+    wait_answer_finished(page)
+    expect(page.locator(".conversation")).to_have_count(2)
+
+
+def test_new_chat_switch_rename_delete(open_page, upstream):
+    page = open_page()
+    start_two_conversations(page, upstream)
+
+    # Newest first, titled from the first message, the open one marked as current.
+    titles = page.locator(".conversation-open").all_inner_texts()
+    assert titles == ["How do I sort a list in Python?", "What is the capital of Italy?"]
+    expect(page.locator(".conversation-open[aria-current=page]")).to_have_text(
+        "How do I sort a list in Python?"
+    )
+    screenshot(page, "desktop-light-conversation")
+
+    # Switching loads the other conversation's history.
+    conversation(page, "capital of Italy").locator(".conversation-open").click()
+    expect(page.locator(".message-user .bubble-body")).to_have_text(["What is the capital of Italy?"])
+    expect(page.locator(".message-assistant .bubble-body")).to_have_text(["Rome is the capital of Italy."])
+    expect(page.locator(".message-assistant strong")).to_have_text("capital")
+    conversation(page, "sort a list").locator(".conversation-open").click()
+    expect(page.locator(".message-assistant .code-block")).to_have_count(1)
+
+    # Rename in place: Enter saves.
+    conversation(page, "capital of Italy").locator(".conversation-rename").click()
+    title_input = page.locator(".rename-form input")
+    expect(title_input).to_be_focused()
+    title_input.fill("Geography")
+    title_input.press("Enter")
+    expect(conversation(page, "Geography")).to_have_count(1)
+    assert Conversation.objects.filter(title="Geography").count() == 1
+
+    # Escape cancels a rename.
+    conversation(page, "Geography").locator(".conversation-rename").click()
+    page.locator(".rename-form input").fill("Not this")
+    page.locator(".rename-form input").press("Escape")
+    expect(conversation(page, "Geography")).to_have_count(1)
+
+    # Delete asks first: dismissing keeps it...
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    conversation(page, "Geography").locator(".conversation-delete").click()
+    expect(page.locator(".conversation")).to_have_count(2)
+    assert Conversation.objects.count() == 2
+
+    # ...accepting deletes it.
+    messages = []
+    page.once("dialog", lambda dialog: (messages.append(dialog.message), dialog.accept()))
+    conversation(page, "Geography").locator(".conversation-delete").click()
+    expect(page.locator(".conversation")).to_have_count(1)
+    assert "Geography" in messages[0]
+    assert not Conversation.objects.filter(title="Geography").exists()
+
+    # Deleting the open conversation leaves an empty new chat.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator(".conversation-delete").click()
+    expect(page.locator(".conversation")).to_have_count(0)
+    expect(page.locator(".message")).to_have_count(0)
+    expect(page.locator("#conversationEmpty")).to_be_visible()
+    assert Conversation.objects.count() == 0
+
+
+def test_conversation_survives_a_reload_and_regenerate_resends(open_page, upstream):
+    upstream.enqueue(Script(chunks=["First answer"]), Script(chunks=["Second", " answer"]))
+    page = open_page()
+    send(page, "Hello there", streaming=True)
+    wait_answer_finished(page)
+
+    page.reload()
+    wait_ready(page)
+    expect(page.locator(".message-user .bubble-body")).to_have_text(["Hello there"])
+    expect(page.locator(".message-assistant .bubble-body")).to_have_text(["First answer"])
+
+    page.locator(".message-assistant .regenerate").click()
+    answer = wait_answer_finished(page)
+    expect(answer.locator(".bubble-body")).to_have_text("Second answer")
+    expect(page.locator(".message-user .bubble-body")).to_have_text(["Hello there", "Hello there"])
+    assert upstream.history[-1].messages[-1] == {"role": "user", "content": "Hello there"}
+    assert Conversation.objects.count() == 1  # the same conversation
+    expect(page.locator(".regenerate:visible")).to_have_count(1)  # only the last answer's
+
+
+@pytest.mark.parametrize("color_scheme", ["light", "dark"])
+def test_phone_sidebar_is_a_drawer(open_page, upstream, color_scheme):
+    page = open_page(viewport=PHONE, color_scheme=color_scheme, locale="it-IT")
+    start_two_conversations(page, upstream)
+    toggle = page.locator("#sidebarToggle")
+    expect(page.locator("#sidebar")).not_to_be_visible()
+    expect(toggle).to_have_attribute("aria-expanded", "false")
+    screenshot(page, f"phone-{color_scheme}-conversation")
+
+    toggle.click()
+    expect(page.locator("#sidebar")).to_be_visible()
+    expect(toggle).to_have_attribute("aria-expanded", "true")
+    expect(page.locator("#newChatButton")).to_be_focused()
+    page.wait_for_timeout(300)  # the drawer slides in
+    screenshot(page, f"phone-{color_scheme}-sidebar")
+
+    conversation(page, "capital of Italy").locator(".conversation-open").click()
+    expect(page.locator("#sidebar")).not_to_be_visible()
+    expect(page.locator(".message-user .bubble-body")).to_have_text(["What is the capital of Italy?"])
+
+    toggle.click()
+    page.keyboard.press("Escape")
+    expect(page.locator("#sidebar")).not_to_be_visible()
+    expect(toggle).to_be_focused()
+
+
+def test_desktop_dark_theme_and_keyboard(open_page, upstream):
+    page = open_page(color_scheme="dark")
+    start_two_conversations(page, upstream)
+    background = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(15, 18, 23)"
+    screenshot(page, "desktop-dark-conversation")
+
+    # Everything is reachable with the keyboard, with a visible focus ring.
+    page.focus("#newChatButton")
+    page.keyboard.press("Tab")
+    focused = page.evaluate("() => document.activeElement.className")
+    assert "conversation-open" in focused
+    outline = page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
+    assert outline == "solid"
+    page.keyboard.press("Enter")  # opens the newest conversation (already open: stays)
+    expect(page.locator(".message-user")).to_have_count(1)

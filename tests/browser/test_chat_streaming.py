@@ -1,0 +1,314 @@
+"""The chat page in a real browser: JSON and streaming modes, stop, reload, reconnection."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+from playwright.sync_api import expect
+
+from chatbot_api.models import Message
+from tests.browser.netproxy import CuttableProxy
+from tests.browser.pages import (
+    answer_text,
+    last_answer,
+    sample_answer_growth,
+    screenshot,
+    send,
+    wait_answer_finished,
+    wait_ready,
+)
+from tests.support.fake_openai import Script
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+WORDS = [f" word{i}" for i in range(40)]
+WORDS_TEXT = "".join(WORDS).strip()
+
+
+def assistant_message() -> Message:
+    return Message.objects.filter(role=Message.Role.ASSISTANT).order_by("created_at").first()
+
+
+def assert_grew_in_steps(samples: list[str], final: str) -> None:
+    """At least three distinct, ever longer prefixes of the final text: it was streamed."""
+    texts = [sample.strip() for sample in samples]
+    assert texts[-1] == final
+    partial = [text for text in texts if text != final]
+    assert len(partial) >= 3, f"the answer appeared in {len(texts)} step(s): {texts}"
+    for shorter, longer in zip(texts, texts[1:], strict=False):
+        assert longer.startswith(shorter) and len(longer) > len(shorter)
+
+
+@pytest.mark.parametrize(
+    ("locale", "thinking"),
+    [("en-US", "The assistant is thinking..."), ("it-IT", "L'assistente sta pensando...")],
+)
+def test_json_mode_shows_thinking_then_the_whole_answer(open_page, upstream, locale, thinking):
+    upstream.enqueue(Script(chunks=["Ciao", ", come", " stai?"], interval=0.4))
+    page = open_page(locale=locale)
+    expect(page.locator("#streamingCheckbox")).not_to_be_checked()
+
+    send(page, "Hello")
+
+    loading = last_answer(page).locator(".loading")
+    expect(loading).to_have_text(thinking)
+    assert last_answer(page).locator(".bubble-body").inner_text() == ""
+    screenshot(page, f"json-thinking-{locale}")
+    answer = wait_answer_finished(page)
+    expect(answer.locator(".bubble-body")).to_have_text("Ciao, come stai?")
+    expect(answer.locator(".loading")).to_have_count(0)
+    expect(answer.locator(".streamed-mark")).to_have_count(0)  # the seed's 🔄 is for streamed answers
+    assert upstream.history[-1].messages[-1] == {"role": "user", "content": "Hello"}
+
+
+@pytest.mark.parametrize(
+    ("locale", "streaming_text"), [("en-US", "📡 Streaming..."), ("it-IT", "📡 Streaming in corso...")]
+)
+def test_streaming_mode_shows_the_answer_growing(open_page, upstream, locale, streaming_text):
+    upstream.enqueue(Script(chunks=WORDS[:12], interval=0.12))
+    page = open_page(locale=locale)
+    expect(page.locator("label.streaming-toggle")).to_contain_text("📡 Streaming")
+
+    send(page, "Tell me something", streaming=True)
+
+    expect(last_answer(page).locator(".loading")).to_have_text(streaming_text)
+    samples = sample_answer_growth(page)
+    expected = "".join(WORDS[:12]).strip()
+    assert_grew_in_steps(samples, expected)
+    answer = wait_answer_finished(page)
+    expect(answer.locator(".streamed-mark")).to_have_text("🔄")
+    expect(answer.locator(".loading")).to_have_count(0)
+    expect(page.locator("#announcer")).to_have_text(expected)  # announced once, when complete
+    screenshot(page, f"streaming-done-{locale}")
+    assert assistant_message().content.strip() == expected
+
+
+def test_streaming_mode_renders_mid_answer_state(open_page, upstream):
+    upstream.enqueue(Script(chunks=WORDS, interval=0.1))
+    page = open_page()
+    send(page, "Tell me something", streaming=True)
+    page.wait_for_function(
+        "() => document.querySelector('.message-assistant .bubble-body').textContent.length > 40"
+    )
+    expect(page.locator("#stopButton")).to_be_visible()
+    expect(page.locator("#sendButton")).to_be_disabled()
+    screenshot(page, "streaming-in-progress")
+    wait_answer_finished(page)
+    expect(page.locator("#stopButton")).to_be_hidden()
+
+
+AT_BOTTOM = """() => {
+  const messages = document.getElementById('messages');
+  return messages.scrollHeight - messages.scrollTop - messages.clientHeight < 48;
+}"""
+
+
+def test_auto_scroll_follows_until_the_reader_scrolls_up(open_page, upstream):
+    upstream.enqueue(Script(chunks=[f"Line {i}.\n\n" for i in range(100)], interval=0.04))
+    page = open_page()
+    send(page, "Many lines", streaming=True)
+    page.wait_for_function("() => document.querySelectorAll('.message-assistant p').length > 30")
+    assert page.evaluate(AT_BOTTOM)
+
+    page.hover("#messages")
+    page.mouse.wheel(0, -5000)
+    page.wait_for_timeout(400)
+    assert page.evaluate("() => document.getElementById('messages').scrollTop") < 10
+    expect(page.locator("#scrollToBottom")).to_be_visible()
+    screenshot(page, "scrolled-up-while-streaming")
+
+    page.click("#scrollToBottom")
+    expect(page.locator("#scrollToBottom")).to_be_hidden()
+    wait_answer_finished(page)
+    assert page.evaluate(AT_BOTTOM)
+
+
+def test_websocket_transport_streams_and_is_remembered(open_page, upstream):
+    upstream.enqueue(Script(chunks=WORDS[:10], interval=0.12), Script(chunks=["Second", " answer"]))
+    page = open_page()
+    ws_frames = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda frame: ws_frames.append(frame)))
+
+    send(page, "Over the socket", streaming=True, transport="ws")
+
+    samples = sample_answer_growth(page)
+    assert_grew_in_steps(samples, "".join(WORDS[:10]).strip())
+    assert any('"type": "chat"' in f or '"type":"chat"' in f for f in ws_frames)
+    expect(last_answer(page).locator(".streamed-mark")).to_have_count(1)
+
+    page.reload()
+    wait_ready(page)
+    expect(page.locator("#transportSelect")).to_have_value("ws")
+    expect(page.locator("#streamingCheckbox")).to_be_checked()
+    send(page, "Again")
+    expect(wait_answer_finished(page).locator(".bubble-body")).to_have_text("Second answer")
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_stop_keeps_the_partial_answer(open_page, upstream, transport):
+    upstream.enqueue(Script(chunks=WORDS, interval=0.1))
+    page = open_page()
+    send(page, "Talk for a while", streaming=True, transport=transport)
+    page.wait_for_function(
+        "() => document.querySelector('.message-assistant .bubble-body').textContent.split(' ').length >= 4"
+    )
+
+    page.click("#stopButton")
+
+    answer = wait_answer_finished(page)
+    expect(answer.locator(".badge-stopped")).to_have_text("Stopped")
+    screenshot(page, f"stopped-{transport}")
+    message = assistant_message()
+    assert message.status == Message.Status.STOPPED
+    shown = answer_text(page)
+    assert shown == message.content.strip()
+    assert 0 < len(shown) < len(WORDS_TEXT)
+
+
+def test_stop_in_json_mode(open_page, upstream):
+    upstream.enqueue(Script(chunks=WORDS, interval=0.1))
+    page = open_page(locale="it-IT")
+    send(page, "Talk for a while", streaming=False)
+    upstream.wait_for_request()
+    page.wait_for_timeout(600)
+
+    page.click("#stopButton")
+
+    answer = wait_answer_finished(page)
+    expect(answer.locator(".badge-stopped")).to_have_text("Interrotta")
+    assert assistant_message().status == Message.Status.STOPPED
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_reload_mid_answer_shows_it_completed_exactly_once(open_page, upstream, transport):
+    upstream.enqueue(Script(chunks=WORDS, interval=0.06))
+    page = open_page()
+    send(page, "A long one", streaming=True, transport=transport)
+    page.wait_for_function(
+        "() => document.querySelector('.message-assistant .bubble-body').textContent.length > 30"
+    )
+
+    page.reload()
+    wait_ready(page)
+
+    expect(page.locator(".message-user")).to_have_count(1)
+    expect(page.locator(".message-assistant")).to_have_count(1)
+    answer = wait_answer_finished(page)
+    expect(answer.locator(".streamed-mark")).to_have_count(1)
+    message = assistant_message()
+    assert message.status == Message.Status.COMPLETE
+    assert answer_text(page) == message.content.strip() == WORDS_TEXT
+    assert answer_text(page).count("word1 ") == 1
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws"])
+def test_network_drop_mid_answer_resumes_without_duplicates(open_page, upstream, live_server_url, transport):
+    host, port = live_server_url.removeprefix("http://").split(":")
+    proxy = CuttableProxy(host, int(port))
+    try:
+        upstream.enqueue(Script(chunks=WORDS, interval=0.06))
+        page = open_page(origin=proxy.origin)
+        send(page, "Keep talking", streaming=True, transport=transport)
+        page.wait_for_function(
+            "() => document.querySelector('.message-assistant .bubble-body').textContent.length > 30"
+        )
+
+        proxy.cut(refuse=True)
+        if transport == "sse":
+            page.context.set_offline(True)
+            expect(page.locator("#connectionBanner")).to_have_text(
+                "You are offline. The answer will continue when the connection is back."
+            )
+        else:
+            expect(page.locator("#connectionBanner")).to_have_text("Connection lost. Reconnecting…")
+        screenshot(page, f"reconnecting-{transport}")
+        page.wait_for_timeout(800)  # the answer goes on meanwhile on the server
+        proxy.restore()
+        page.context.set_offline(False)
+
+        answer = wait_answer_finished(page)
+        expect(page.locator("#connectionBanner")).to_be_hidden()
+        expect(answer.locator(".badge")).to_have_count(0)
+        assert answer_text(page) == WORDS_TEXT == assistant_message().content.strip()
+    finally:
+        proxy.close()
+
+
+def test_resume_after_the_event_log_expired_shows_the_saved_text(open_page, upstream, live_server_url):
+    """The server rebuilds a resumed stream from the database: the page still ends complete."""
+    from chatbot_api.generation import get_manager
+
+    log = get_manager().log  # the running server's: finished logs now expire at once
+    log.ttl, log.purge_every = 0.05, 0.0
+    host, port = live_server_url.removeprefix("http://").split(":")
+    proxy = CuttableProxy(host, int(port))
+    try:
+        upstream.enqueue(Script(chunks=WORDS, interval=0.03), Script(chunks=["other"]))
+        page = open_page(origin=proxy.origin)
+        send(page, "Keep talking", streaming=True)
+        page.wait_for_function(
+            "() => document.querySelector('.message-assistant .bubble-body').textContent.length > 30"
+        )
+        proxy.cut(refuse=True)
+        wait_until(lambda: assistant_message().status == Message.Status.COMPLETE)
+        time.sleep(0.1)
+        # Another visitor's message opens a new log, which purges our expired one.
+        body = json.dumps({"message": "Someone else"}).encode()
+        request = urllib.request.Request(
+            f"{live_server_url}/api/chat/", body, {"Content-Type": "application/json"}
+        )
+        assert json.load(urllib.request.urlopen(request, timeout=10))["response"] == "other"
+        proxy.restore()
+
+        wait_answer_finished(page)
+        answer = last_answer(page)
+        expect(answer.locator(".bubble-body")).to_have_text(WORDS_TEXT)
+        expect(answer.locator(".badge")).to_have_count(0)
+    finally:
+        proxy.close()
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_long_answer_is_rendered_once_per_frame(open_page, upstream):
+    """2500 deltas: the bubble is re-rendered per animation frame, the list never."""
+    tokens = [f" t{i}" for i in range(2500)]
+    upstream.enqueue(Script(chunks=tokens, interval=0.001))
+    page = open_page()
+    page.evaluate(
+        """() => {
+          window.__renders = 0; window.__listChanges = 0; window.__longTasks = [];
+          new MutationObserver((records) => { window.__listChanges += records.length; })
+            .observe(document.getElementById('messageList'), { childList: true });
+          new PerformanceObserver((list) => {
+            for (const entry of list.getEntries()) window.__longTasks.push(entry.duration);
+          }).observe({ type: 'longtask', buffered: false });
+        }"""
+    )
+    send(page, "Count to 2500", streaming=True)
+    page.wait_for_selector(".message-assistant .bubble-body")
+    page.evaluate(
+        """() => {
+          const body = document.querySelector('.message-assistant:last-child .bubble-body');
+          new MutationObserver(() => { window.__renders += 1; }).observe(body, { childList: true });
+        }"""
+    )
+
+    wait_answer_finished(page, timeout=60_000)
+
+    stats = page.evaluate(
+        "() => ({ renders: window.__renders, list: window.__listChanges, longTasks: window.__longTasks })"
+    )
+    assert answer_text(page) == "".join(tokens).strip()
+    assert stats["list"] == 2  # the user's message and the answer were added; nothing re-rendered
+    assert 1 <= stats["renders"] < len(tokens) / 5, stats
+    assert max(stats["longTasks"], default=0) < 250, stats
+    screenshot(page, "long-answer")
