@@ -31,8 +31,8 @@ install-dev: $(VENV)/.dev
 run: install .env
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
-	$(BIN)/python manage.py check --deploy --fail-level ERROR
-	$(BIN)/uvicorn chatbot.asgi:application --host $(HOST) --port $(PORT) --lifespan on
+	$(BIN)/uvicorn chatbot.asgi:application --host $(HOST) --port $(PORT) --lifespan on \
+		--timeout-graceful-shutdown 15
 
 test: install-dev
 	scripts/ensure-chromium.sh

@@ -23,6 +23,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     """`/ws/chat/`: send `chat`, `stop` and `resume` requests, receive the answers' events.
 
     Several answers may stream on one socket; every event carries its `message_id`.
+    A `chat` request is first answered with `{"type": "accepted", "request_id",
+    "message_id", "session_id"}` (no `seq`: it is not one of the answer's events).
     Request-level errors come back as `{"type": "error", "code", "message", ...}`
     without a `seq`, echoing the request's `request_id` when one was given.
     """
@@ -65,6 +67,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         data = serializer.validated_data
         turn = await services.chat_start(
             owner=self.owner, text=data["message"], session_id=data.get("session_id"), transport="websocket"
+        )
+        # Tells the client which answer its request started, before the answer's first event.
+        await self.send_json(
+            {
+                "type": "accepted",
+                "request_id": content.get("request_id"),
+                "message_id": str(turn.assistant_message.id),
+                "session_id": str(turn.conversation.id),
+            }
         )
         self._follow(turn.assistant_message, after=0)
 

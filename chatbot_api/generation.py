@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from uuid import UUID
 
-from django.db import close_old_connections, transaction
+from django.db import connections, transaction
 from django.utils import timezone
 
 from . import events as ev
@@ -269,16 +269,23 @@ class DatabaseThread:
 
     def close(self) -> None:
         if self._executor is not None:
+            self._executor.submit(connections.close_all)
             self._executor.shutdown(wait=False)
             self._executor = None
 
 
 def _in_connection(function, *args):
-    close_old_connections()  # drop a connection the database closed or that outlived CONN_MAX_AGE
-    try:
-        return function(*args)
-    finally:
-        close_old_connections()
+    # The thread keeps its connection between calls, whatever CONN_MAX_AGE says (that setting
+    # is for request threads): connecting cost more than the write itself, and closing SQLite's
+    # last connection checkpoints and deletes the WAL, so every request paid that again.
+    # A connection that failed is replaced before the next call.
+    for connection in connections.all(initialized_only=True):
+        if connection.errors_occurred:
+            if connection.is_usable():
+                connection.errors_occurred = False
+            else:
+                connection.close()
+    return function(*args)
 
 
 class GenerationManager:

@@ -4,6 +4,7 @@ from rest_framework.authtoken.views import obtain_auth_token
 
 from . import views
 
+app_name = "api"
 urlpatterns = [
     path("chat/", views.ChatView.as_view(), name="chat"),
     path("messages/<str:message_id>", views.MessageDetailView.as_view(), name="message-detail"),

@@ -19,7 +19,7 @@ def chat_page(request):
         return redirect_to_login(request.get_full_path())
     if not request.session.session_key:
         request.session.save()
-    api_root = reverse("conversation-list").removesuffix("conversations/")
+    api_root = reverse("api:conversation-list").removesuffix("conversations/")
     return render(
         request,
         "chatbot_web/chat.html",

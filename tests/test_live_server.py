@@ -118,5 +118,5 @@ async def test_real_websocket_client(upstream, live_server_url):
         events = []
         while not events or events[-1]["type"] not in ("done", "error"):
             events.append(json.loads(await asyncio.wait_for(ws.recv(), 5)))
-    assert [e["type"] for e in events] == ["meta", "delta", "delta", "usage", "done"]
+    assert [e["type"] for e in events] == ["accepted", "meta", "delta", "delta", "usage", "done"]
     assert "".join(e["text"] for e in events if e["type"] == "delta") == "real ws"

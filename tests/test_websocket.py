@@ -21,6 +21,8 @@ async def receive_until_terminal(communicator, *, limit: int | None = None, time
     events = []
     while True:
         event = await communicator.receive_json_from(timeout=timeout)
+        if event["type"] == "accepted":
+            continue
         events.append(event)
         if event["type"] in ("done", "error") or (limit and len(events) >= limit):
             return events
@@ -30,8 +32,16 @@ async def test_chat_streams_the_same_events(upstream, manager):
     upstream.enqueue(Script(chunks=["web", "socket"], usage={"prompt_tokens": 5, "completion_tokens": 2}))
     ws = await connect(await browser_session())
 
-    await ws.send_json_to({"type": "chat", "message": "Hi"})
+    await ws.send_json_to({"type": "chat", "message": "Hi", "request_id": "req-7"})
+    accepted = await ws.receive_json_from(timeout=5)
     events = await receive_until_terminal(ws)
+
+    assert accepted == {
+        "type": "accepted",
+        "request_id": "req-7",
+        "message_id": events[0]["message_id"],
+        "session_id": events[0]["session_id"],
+    }
 
     assert [e["type"] for e in events] == ["meta", "delta", "delta", "usage", "done"]
     assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]

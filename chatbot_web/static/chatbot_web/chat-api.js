@@ -324,9 +324,18 @@ export class ChatSocket {
       this.requestFailed(event);
       return;
     }
+    if (event.type === "accepted") {
+      // The server names the answer it started for our request before its first event.
+      const pending = this.pendingChats.find((r) => r.requestId === event.request_id);
+      if (pending) {
+        this.pendingChats = this.pendingChats.filter((r) => r !== pending);
+        this.readers.set(event.message_id, pending);
+      }
+      return;
+    }
     let reader = this.readers.get(event.message_id);
     if (!reader && this.pendingChats.length) {
-      // Chat events do not echo the request id: the oldest pending chat owns a new answer.
+      // A server that sends no `accepted` frame: the oldest pending chat owns a new answer.
       reader = this.pendingChats.shift();
       this.readers.set(event.message_id, reader);
     }
