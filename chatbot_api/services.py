@@ -178,8 +178,9 @@ def stored_events(message: Message, *, after: int = 0) -> list[ev.Event]:
     """Events rebuilt from a saved message whose log is gone.
 
     From the start (`after=0`) that is meta, the whole text as one delta, usage and
-    the terminal event. A client that had already read part of the original log
-    only gets the terminal event: its text is at least as long as what was saved.
+    the terminal event. A client that had already read part of the original log only
+    gets the terminal event (sequence numbers no longer map to the saved text); it
+    re-reads the message for the saved text.
     """
     if message.is_live:
         # Live in the database with no log here: its worker is gone; the sweep will mark it.
