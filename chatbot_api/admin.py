@@ -49,25 +49,8 @@ class MessageAdmin(admin.ModelAdmin):
     ]
     list_filter = ["role", "status", "provider", "model", "tokens_estimated", "created_at"]
     search_fields = ["id", "conversation__id", "conversation__title"]
-    readonly_fields = [
-        "id",
-        "conversation",
-        "role",
-        "provider",
-        "model",
-        "prompt_tokens",
-        "completion_tokens",
-        "tokens_estimated",
-        "ttft_ms",
-        "duration_ms",
-        "finish_reason",
-        "error_code",
-        "error_message",
-        "worker",
-        "heartbeat_at",
-        "created_at",
-        "updated_at",
-    ]
+    # Staff may correct the text or the status (e.g. of a stuck answer); the facts stay as recorded.
+    readonly_fields = [f.name for f in Message._meta.fields if f.name not in ("content", "status")]
     date_hierarchy = "created_at"
 
 

@@ -28,25 +28,33 @@ async def new_browser(base_url: str):
         yield client
 
 
+async def sse_frames(response):
+    """Each SSE frame of an httpx streaming response as it arrives: (arrival time, frame)."""
+    buffer = b""
+    async for chunk in response.aiter_raw():
+        buffer += chunk
+        *blocks, buffer = buffer.split(b"\n\n")
+        for block in blocks:
+            for frame in parse_sse(block + b"\n\n"):
+                yield time.monotonic(), frame
+
+
+def stream_chat(client: httpx.AsyncClient):
+    return client.stream(
+        "POST", "/api/chat/", json={"message": "Hi"}, headers={"Accept": "text/event-stream"}
+    )
+
+
 async def test_sse_reaches_the_socket_frame_by_frame(upstream, live_server_url):
     upstream.enqueue(Script(chunks=[f"c{i}" for i in range(5)], interval=0.1))
     async with new_browser(live_server_url) as client:
-        arrivals = []
-        async with client.stream(
-            "POST", "/api/chat/", json={"message": "Hi"}, headers={"Accept": "text/event-stream"}
-        ) as response:
+        async with stream_chat(client) as response:
             assert response.status_code == 200
             assert response.headers["content-type"] == "text/event-stream"
             assert response.headers["cache-control"] == "no-cache"
             assert response.headers["x-accel-buffering"] == "no"
             assert "content-encoding" not in response.headers
-            buffer = b""
-            async for chunk in response.aiter_raw():
-                buffer += chunk
-                *blocks, buffer = buffer.split(b"\n\n")
-                for block in blocks:
-                    for frame in parse_sse(block + b"\n\n"):
-                        arrivals.append((time.monotonic(), frame))
+            arrivals = [item async for item in sse_frames(response)]
     deltas = [(t, f) for t, f in arrivals if f["event"] == "delta"]
     assert [f["data"]["text"] for _, f in deltas] == ["c0", "c1", "c2", "c3", "c4"]
     assert deltas[0][0] < upstream.history[-1].closed_at - 0.25, "first token before the upstream finished"
@@ -67,15 +75,10 @@ async def test_disconnect_then_resume_over_http(upstream, live_server_url):
     upstream.enqueue(Script(chunks=[f"{i} " for i in range(20)], interval=0.03))
     async with new_browser(live_server_url) as client:
         seen = []
-        async with client.stream(
-            "POST", "/api/chat/", json={"message": "Hi"}, headers={"Accept": "text/event-stream"}
-        ) as response:
-            buffer = b""
-            async for chunk in response.aiter_raw():
-                buffer += chunk
-                *blocks, buffer = buffer.split(b"\n\n")
-                seen += [f for block in blocks for f in parse_sse(block + b"\n\n")]
-                if len(seen) >= 6:
+        async with stream_chat(client) as response:
+            async for _, frame in sse_frames(response):
+                seen.append(frame)
+                if len(seen) == 6:
                     break  # the network drops
         message_id = seen[0]["data"]["message_id"]
         resumed = await client.get(
@@ -92,15 +95,13 @@ async def test_real_disconnect_stops_the_answer_when_configured(upstream, live_s
     chatbot_settings(CANCEL_ON_DISCONNECT=True)
     upstream.enqueue(Script(chunks=["a", "b", "c"], hang_after=2))
     async with new_browser(live_server_url) as client:
-        async with client.stream(
-            "POST", "/api/chat/", json={"message": "Hi"}, headers={"Accept": "text/event-stream"}
-        ) as response:
-            raw = b""
-            async for chunk in response.aiter_raw():
-                raw += chunk
-                if raw.count(b"event: delta") == 2:
-                    break
-    message_id = parse_sse(raw)[0]["data"]["message_id"]
+        seen = []
+        async with stream_chat(client) as response:
+            async for _, frame in sse_frames(response):
+                seen.append(frame)
+                if frame["event"] == "delta" and frame["data"]["text"] == "b":
+                    break  # the client goes away
+    message_id = seen[0]["data"]["message_id"]
     message = await wait_for_status(message_id, {"stopped"})
     assert (message.status, message.content) == ("stopped", "ab")
     assert (await upstream.wait_for_disconnect_async()).disconnected
