@@ -43,10 +43,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if not isinstance(content, dict):
             await self._send_error({}, ChatbotError("Each frame must be a JSON object.", code="invalid"))
             return
-        handler = {"chat": self._chat, "stop": self._stop, "resume": self._resume}.get(content.get("type"))
+        handler = {
+            "chat": self._chat,
+            "regenerate": self._regenerate,
+            "stop": self._stop,
+            "resume": self._resume,
+        }.get(content.get("type"))
         try:
             if handler is None:
-                raise ChatbotError("`type` must be one of: chat, stop, resume.", code="invalid")
+                raise ChatbotError("`type` must be one of: chat, regenerate, stop, resume.", code="invalid")
             await handler(content)
         except (ChatbotError, ValidationError) as error:
             await self._send_error(content, error)
@@ -68,6 +73,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         turn = await services.chat_start(
             owner=self.owner, text=data["message"], session_id=data.get("session_id"), transport="websocket"
         )
+        await self._accept_and_follow(content, turn)
+
+    async def _regenerate(self, content):
+        turn = await services.answer_regenerate(
+            owner=self.owner, message_id=content.get("message_id"), transport="websocket"
+        )
+        await self._accept_and_follow(content, turn)
+
+    async def _accept_and_follow(self, content, turn) -> None:
         # Tells the client which answer its request started, before the answer's first event.
         await self.send_json(
             {

@@ -87,7 +87,9 @@ class InMemoryEventLog(EventLog):
         waiters.set()
         return event
 
-    async def read(self, message_id: UUID, *, after: int = 0, keepalive: float | None = None) -> AsyncIterator:
+    async def read(
+        self, message_id: UUID, *, after: int = 0, keepalive: float | None = None
+    ) -> AsyncIterator:
         stream = self._streams.get(message_id)
         if stream is None:
             raise LogNotFound(message_id)
@@ -115,6 +117,8 @@ class InMemoryEventLog(EventLog):
         if now < self._next_purge:
             return
         self._next_purge = now + self.purge_every
-        expired = [key for key, s in self._streams.items() if s.expires_at is not None and s.expires_at <= now]
+        expired = [
+            key for key, s in self._streams.items() if s.expires_at is not None and s.expires_at <= now
+        ]
         for key in expired:
             del self._streams[key]

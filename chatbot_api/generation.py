@@ -154,13 +154,16 @@ class Generation:
             asyncio.current_task().uncancel()  # our own stop: the task ends normally
         except Exception as error:  # a bug or an unexpected library error: still end the stream
             logger.exception("generation %s crashed", self.message_id)
-            outcome = _failure(ProviderError(f"Unexpected error: {error.__class__.__name__}", code="internal"))
+            outcome = _failure(
+                ProviderError(f"Unexpected error: {error.__class__.__name__}", code="internal")
+            )
         finally:
             await stream.aclose()
         await self._finish(outcome, started, first_token_at, usage)
 
-    async def _finish(self, outcome: dict, started: float, first_token_at: float | None,
-                      usage: Usage | None) -> None:
+    async def _finish(
+        self, outcome: dict, started: float, first_token_at: float | None, usage: Usage | None
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.manager.forget_dirty(self)
         text = self.text
@@ -202,9 +205,14 @@ class Generation:
         )
         await self.manager.save_outcome(self.message_id, fields, record)
         metrics.observe_answer(
-            provider=record.provider, model=record.model, outcome=record.outcome, ttft_ms=record.ttft_ms,
-            duration_ms=record.duration_ms, prompt_tokens=record.prompt_tokens,
-            completion_tokens=record.completion_tokens, error_code=fields["error_code"],
+            provider=record.provider,
+            model=record.model,
+            outcome=record.outcome,
+            ttft_ms=record.ttft_ms,
+            duration_ms=record.duration_ms,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            error_code=fields["error_code"],
         )
         if usage is not None:
             await self.log.append(
@@ -220,9 +228,16 @@ class Generation:
         logger.info(
             "answer message=%s conversation=%s provider=%s model=%s outcome=%s prompt_tokens=%s "
             "completion_tokens=%s estimated=%s ttft_ms=%s duration_ms=%s",
-            self.message_id, self.request.conversation_id, self.provider.name, self.provider.model_id,
-            outcome["status"], fields.get("prompt_tokens"), fields.get("completion_tokens"),
-            fields.get("tokens_estimated", False), fields["ttft_ms"], fields["duration_ms"],
+            self.message_id,
+            self.request.conversation_id,
+            self.provider.name,
+            self.provider.model_id,
+            outcome["status"],
+            fields.get("prompt_tokens"),
+            fields.get("completion_tokens"),
+            fields.get("tokens_estimated", False),
+            fields["ttft_ms"],
+            fields["duration_ms"],
         )
 
 
@@ -265,7 +280,9 @@ class DatabaseThread:
     async def run(self, function, /, *args):
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatbot-db")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _in_connection, function, *args)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, _in_connection, function, *args
+        )
 
     def close(self) -> None:
         if self._executor is not None:
@@ -347,7 +364,9 @@ class GenerationManager:
                 await self.db.run(_save_outcome, message_id, fields, record)
                 return
             except Exception:
-                logger.warning("saving message %s failed (attempt %d)", message_id, attempt + 1, exc_info=True)
+                logger.warning(
+                    "saving message %s failed (attempt %d)", message_id, attempt + 1, exc_info=True
+                )
                 await asyncio.sleep(0.2 * (attempt + 1))
 
     def is_running(self, message_id: UUID) -> bool:
@@ -484,5 +503,3 @@ def reset_manager() -> None:
     """Forget the manager and its logs (tests)."""
     global _manager
     _manager = None
-
-

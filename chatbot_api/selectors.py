@@ -86,14 +86,17 @@ def conversation_messages(*, conversation: Conversation) -> QuerySet[Message]:
     return conversation.messages.order_by("created_at")
 
 
-async def conversation_context(*, conversation: Conversation, fits) -> list[dict]:
+async def conversation_context(*, conversation: Conversation, fits, before=None) -> list[dict]:
     """The earlier turns to send to the model, newest kept first, as many as `fits` allows.
 
     `fits(content)` answers whether one more message still fits the token budget (and
     counts it if so); turns with no text (failed before the first token) are skipped.
     """
     turns: list[dict] = []
-    query = conversation.messages.exclude(content="").order_by("-created_at").values_list("role", "content")
+    query = conversation.messages.exclude(content="")
+    if before is not None:
+        query = query.filter(created_at__lt=before)
+    query = query.order_by("-created_at").values_list("role", "content")
     async for role, content in query:
         if not fits(content):
             break

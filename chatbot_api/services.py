@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from functools import partial
 
 from asgiref.sync import sync_to_async
 from django.db import transaction
@@ -18,6 +19,7 @@ from django.utils import timezone
 from . import events as ev
 from . import metrics
 from .conf import chatbot_setting
+from .errors import ChatbotError
 from .eventlog import KEEPALIVE, LogNotFound
 from .generation import GenerationRequest, get_manager, terminal_event
 from .limits import RateLimited, rate_limiter
@@ -50,11 +52,57 @@ async def chat_start(
     provider = get_provider()
     conversation = await conversation_get(owner=owner, conversation_id=session_id) if session_id else None
     prompt = await build_prompt(provider=provider, conversation=conversation, text=text)
+    return await _start_answer(
+        owner=owner,
+        provider=provider,
+        prompt=prompt,
+        transport=transport,
+        create=partial(_create_turn, owner=owner, conversation=conversation, text=text, provider=provider),
+    )
+
+
+async def answer_regenerate(*, owner: Owner, message_id, transport: str = "json") -> Turn:
+    """Replace the last answer of a conversation with a new one to the same question.
+
+    The old answer is deleted (its usage record stays); the new one is generated from
+    the same history, so the question is not repeated in the model's context.
+    """
+    old_answer = await message_get(owner=owner, message_id=message_id)
+    conversation = old_answer.conversation
+    last = await conversation.messages.order_by("-created_at").afirst()
+    if old_answer.role != Message.Role.ASSISTANT or last.pk != old_answer.pk:
+        raise ChatbotError("Only the last answer of a conversation can be regenerated.", code="invalid")
+    if old_answer.is_live:
+        raise ChatbotError(
+            "This answer is still being written: stop it first.", code="conflict", status_code=409
+        )
+    question = (
+        await conversation.messages.filter(role=Message.Role.USER, created_at__lt=old_answer.created_at)
+        .order_by("-created_at")
+        .afirst()
+    )
+    if question is None:
+        raise ChatbotError("This answer has no question to answer again.", code="invalid")
+    provider = get_provider()
+    prompt = await build_prompt(
+        provider=provider, conversation=conversation, text=question.content, before=question.created_at
+    )
+    return await _start_answer(
+        owner=owner,
+        provider=provider,
+        prompt=prompt,
+        transport=transport,
+        create=partial(_replace_answer, old_answer=old_answer, question=question, provider=provider),
+    )
+
+
+async def _start_answer(
+    *, owner: Owner, provider: Provider, prompt: list[dict], transport: str, create
+) -> Turn:
+    """Count the answer against the limits, save it with `create()`, start its generation."""
     await _acquire_rate_limits(owner)
     try:
-        conversation, user_message, assistant_message = await _create_turn(
-            owner=owner, conversation=conversation, text=text, provider=provider
-        )
+        conversation, user_message, assistant_message = await create()
     except BaseException:
         await sync_to_async(rate_limiter.release)(owner.rate_key)
         raise
@@ -85,8 +133,10 @@ async def _acquire_rate_limits(owner: Owner) -> None:
         raise
 
 
-async def build_prompt(*, provider: Provider, conversation: Conversation | None, text: str) -> list[dict]:
-    """System prompt, as much recent history as the token budget allows, and the new message."""
+async def build_prompt(
+    *, provider: Provider, conversation: Conversation | None, text: str, before=None
+) -> list[dict]:
+    """System prompt, as much recent history (before `before`) as the budget allows, the new message."""
     system_prompt = chatbot_setting("SYSTEM_PROMPT")
     count = provider.count_tokens
     budget = chatbot_setting("HISTORY_TOKENS") or (
@@ -106,32 +156,46 @@ async def build_prompt(*, provider: Provider, conversation: Conversation | None,
         remaining -= cost
         return True
 
-    history = await conversation_context(conversation=conversation, fits=fits) if conversation else []
+    history = (
+        await conversation_context(conversation=conversation, fits=fits, before=before)
+        if conversation
+        else []
+    )
     prompt = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return [*prompt, *history, {"role": "user", "content": text}]
 
 
 @sync_to_async
 def _create_turn(*, owner: Owner, conversation: Conversation | None, text: str, provider: Provider):
-    now = timezone.now()
     with transaction.atomic():
         if conversation is None:
             conversation = Conversation.objects.create(title=_title(text), **owner.create_kwargs)
-        else:
-            Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
         user_message = Message.objects.create(
             conversation=conversation, role=Message.Role.USER, content=text, status=Status.COMPLETE
         )
-        assistant_message = Message.objects.create(
-            conversation=conversation,
-            role=Message.Role.ASSISTANT,
-            status=Status.PENDING,
-            provider=provider.name,
-            model=provider.model_id,
-            worker=get_manager().worker_id,
-            heartbeat_at=now,
-        )
-    return conversation, user_message, assistant_message
+        return conversation, user_message, _create_answer(conversation, provider)
+
+
+@sync_to_async
+def _replace_answer(*, old_answer: Message, question: Message, provider: Provider):
+    with transaction.atomic():
+        old_answer.delete()
+        return old_answer.conversation, question, _create_answer(old_answer.conversation, provider)
+
+
+def _create_answer(conversation: Conversation, provider: Provider) -> Message:
+    """A pending answer (inside the caller's transaction); touches the conversation's `updated_at`."""
+    now = timezone.now()
+    Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
+    return Message.objects.create(
+        conversation=conversation,
+        role=Message.Role.ASSISTANT,
+        status=Status.PENDING,
+        provider=provider.name,
+        model=provider.model_id,
+        worker=get_manager().worker_id,
+        heartbeat_at=now,
+    )
 
 
 def _title(text: str) -> str:

@@ -10,6 +10,11 @@ urlpatterns = [
     path("messages/<str:message_id>", views.MessageDetailView.as_view(), name="message-detail"),
     path("messages/<str:message_id>/events", views.MessageEventsView.as_view(), name="message-events"),
     path("messages/<str:message_id>/stop", views.MessageStopView.as_view(), name="message-stop"),
+    path(
+        "messages/<str:message_id>/regenerate",
+        views.MessageRegenerateView.as_view(),
+        name="message-regenerate",
+    ),
     path("conversations/", views.ConversationListView.as_view(), name="conversation-list"),
     path(
         "conversations/<str:session_id>", views.ConversationDetailView.as_view(), name="conversation-detail"

@@ -77,30 +77,60 @@ class ChatView(ApiView):
         turn = await services.chat_start(
             owner=owner, text=data["message"], session_id=data.get("session_id"), transport=transport
         )
-        events = services.follow_events(message=turn.assistant_message)
-        if transport == "sse":
-            return transports.sse_response(events)
-        if transport == "ndjson":
-            return transports.ndjson_response(events)
-        answer = await transports.collect(events)
-        body = {
-            "response": answer.text,
-            "session_id": str(turn.conversation.id),
-            "message_id": str(turn.assistant_message.id),
-            "success": answer.terminal.type == "done",
-            "is_streaming": data["streaming"],
-            "is_final": True,
-            "status": answer.terminal.data.get("status", Message.Status.FAILED),
-            "model": answer.meta.get("model", ""),
-            "provider": answer.meta.get("provider", ""),
-            "usage": answer.usage,
-        }
-        if answer.terminal.type == "error":
-            terminal = answer.terminal.data
-            body.update(error=terminal["message"], code=terminal["code"], retryable=terminal["retryable"])
-            body["status"] = "interrupted" if terminal["code"] == "interrupted" else Message.Status.FAILED
-            return Response(body, status=status_for_code(terminal["code"]))
-        return Response(body)
+        return await answer_response(turn, transport=transport, is_streaming=data["streaming"])
+
+
+async def answer_response(turn: services.Turn, *, transport: str, is_streaming: bool):
+    """The new answer in the negotiated transport: a stream, or the seed's assembled JSON."""
+    events = services.follow_events(message=turn.assistant_message)
+    if transport == "sse":
+        return transports.sse_response(events)
+    if transport == "ndjson":
+        return transports.ndjson_response(events)
+    answer = await transports.collect(events)
+    body = {
+        "response": answer.text,
+        "session_id": str(turn.conversation.id),
+        "message_id": str(turn.assistant_message.id),
+        "success": answer.terminal.type == "done",
+        "is_streaming": is_streaming,
+        "is_final": True,
+        "status": answer.terminal.data.get("status", Message.Status.FAILED),
+        "model": answer.meta.get("model", ""),
+        "provider": answer.meta.get("provider", ""),
+        "usage": answer.usage,
+    }
+    if answer.terminal.type == "error":
+        terminal = answer.terminal.data
+        body.update(error=terminal["message"], code=terminal["code"], retryable=terminal["retryable"])
+        body["status"] = "interrupted" if terminal["code"] == "interrupted" else Message.Status.FAILED
+        return Response(body, status=status_for_code(terminal["code"]))
+    return Response(body)
+
+
+class MessageRegenerateView(ApiView):
+    renderer_classes = ChatView.renderer_classes
+
+    @extend_schema(
+        request=None,
+        responses={
+            (200, "application/json"): ChatResponseSerializer,
+            (200, "text/event-stream"): OpenApiResponse(
+                StreamEventSerializer, description=EVENTS_DESCRIPTION
+            ),
+            (200, "application/x-ndjson"): OpenApiResponse(
+                StreamEventSerializer, description=EVENTS_DESCRIPTION
+            ),
+            409: OpenApiResponse(description="The answer is still being written."),
+        },
+    )
+    async def post(self, request, message_id):
+        """Answer the last question again: the last answer is replaced, in any transport."""
+        transport = request.accepted_renderer.format
+        turn = await services.answer_regenerate(
+            owner=await owner_for(request), message_id=message_id, transport=transport
+        )
+        return await answer_response(turn, transport=transport, is_streaming=transport != "json")
 
 
 def _after_from(request) -> int:

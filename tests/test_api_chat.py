@@ -6,6 +6,7 @@ import pytest
 from django.test import AsyncClient
 
 from chatbot_api.models import Conversation, Message
+from tests.conftest import parse_sse
 from tests.support.fake_openai import Script
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
@@ -241,3 +242,61 @@ async def test_openapi_schema_documents_the_event_stream():
         "text/event-stream"
         in schema["paths"]["/api/messages/{message_id}/events"]["get"]["responses"]["200"]["content"]
     )
+
+
+async def test_regenerate_replaces_the_last_answer_without_repeating_the_question(upstream, manager):
+    client = AsyncClient()
+    upstream.enqueue(Script(chunks=["first try"]))
+    first = (await post_chat(client, {"message": "Tell me a joke"})).json()
+    upstream.enqueue(Script(chunks=["second try"]))
+
+    response = await client.post(f"/api/messages/{first['message_id']}/regenerate")
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["response"] == "second try" and body["session_id"] == first["session_id"]
+    assert body["message_id"] != first["message_id"]
+    rows = [(m.role, m.content) async for m in Message.objects.order_by("created_at")]
+    assert rows == [("user", "Tell me a joke"), ("assistant", "second try")]
+    sent = upstream.history[-1].messages
+    assert [m["content"] for m in sent if m["role"] == "user"] == ["Tell me a joke"]
+    assert all(m["content"] != "first try" for m in sent)
+
+
+async def test_regenerate_streams_like_chat(upstream, manager):
+    client = AsyncClient()
+    first = (await post_chat(client, {"message": "Hi"})).json()
+    upstream.enqueue(Script(chunks=["a", "b"]))
+
+    response = await client.post(
+        f"/api/messages/{first['message_id']}/regenerate", headers={"Accept": "text/event-stream"}
+    )
+
+    raw = b"".join([chunk async for chunk in response.streaming_content])
+    frames = parse_sse(raw)
+    assert [f["event"] for f in frames] == ["meta", "delta", "delta", "usage", "done"]
+
+
+async def test_regenerate_refuses_what_it_cannot_do(upstream, manager):
+    client = AsyncClient()
+    first = (await post_chat(client, {"message": "one"})).json()
+    second = (await post_chat(client, {"message": "two", "session_id": first["session_id"]})).json()
+    user_message = await Message.objects.filter(role="user").order_by("created_at").afirst()
+
+    older = await client.post(f"/api/messages/{first['message_id']}/regenerate")
+    question = await client.post(f"/api/messages/{user_message.pk}/regenerate")
+    stranger = await AsyncClient().post(f"/api/messages/{second['message_id']}/regenerate")
+    upstream.enqueue(Script(chunks=["x", "y"], hang_after=1))
+    live = await client.post(
+        f"/api/messages/{second['message_id']}/regenerate", headers={"Accept": "text/event-stream"}
+    )
+    live_id = parse_sse(
+        await anext(aiter(live.streaming_content)) + await anext(aiter(live.streaming_content))
+    )
+    running = await client.post(f"/api/messages/{live_id[0]['data']['message_id']}/regenerate")
+
+    assert (older.status_code, older.json()["code"]) == (400, "invalid")
+    assert (question.status_code, question.json()["code"]) == (400, "invalid")
+    assert stranger.status_code == 404
+    assert (running.status_code, running.json()["code"]) == (409, "conflict")
+    await client.post(f"/api/messages/{live_id[0]['data']['message_id']}/stop")

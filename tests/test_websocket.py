@@ -160,3 +160,20 @@ async def test_foreign_origin_is_refused(manager):
     )
     connected, _ = await communicator.connect()
     assert not connected
+
+
+async def test_regenerate_over_websocket(upstream, manager):
+    ws = await connect(await browser_session())
+    await ws.send_json_to({"type": "chat", "message": "Hi"})
+    first = await receive_until_terminal(ws)
+    upstream.enqueue(Script(chunks=["again"]))
+
+    await ws.send_json_to({"type": "regenerate", "message_id": first[0]["message_id"], "request_id": "g1"})
+    accepted = await ws.receive_json_from(timeout=5)
+    events = await receive_until_terminal(ws)
+
+    assert accepted["type"] == "accepted" and accepted["request_id"] == "g1"
+    assert accepted["message_id"] == events[0]["message_id"] != first[0]["message_id"]
+    assert "".join(e["text"] for e in events if e["type"] == "delta") == "again"
+    assert not await Message.objects.filter(pk=first[0]["message_id"]).aexists()
+    await ws.disconnect()
