@@ -290,13 +290,13 @@ async def test_regenerate_refuses_what_it_cannot_do(upstream, manager):
     live = await client.post(
         f"/api/messages/{second['message_id']}/regenerate", headers={"Accept": "text/event-stream"}
     )
-    live_id = parse_sse(
-        await anext(aiter(live.streaming_content)) + await anext(aiter(live.streaming_content))
-    )
-    running = await client.post(f"/api/messages/{live_id[0]['data']['message_id']}/regenerate")
+    stream = aiter(live.streaming_content)
+    preamble_and_meta = await anext(stream) + await anext(stream)
+    live_id = parse_sse(preamble_and_meta)[0]["data"]["message_id"]
+    running = await client.post(f"/api/messages/{live_id}/regenerate")
 
     assert (older.status_code, older.json()["code"]) == (400, "invalid")
     assert (question.status_code, question.json()["code"]) == (400, "invalid")
     assert stranger.status_code == 404
     assert (running.status_code, running.json()["code"]) == (409, "conflict")
-    await client.post(f"/api/messages/{live_id[0]['data']['message_id']}/stop")
+    await client.post(f"/api/messages/{live_id}/stop")
