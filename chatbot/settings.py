@@ -244,6 +244,8 @@ CHATBOT = {
     "METRICS_TOKEN": os.environ.get("CHATBOT_METRICS_TOKEN", ""),
     "METRICS_ALLOWED_IPS": env_list("CHATBOT_METRICS_ALLOWED_IPS", ["127.0.0.1", "::1"]),
     "OPENAI_MAX_RETRIES": env_number("OPENAI_MAX_RETRIES", 1, int, minimum=0),
+    # Where answers' events live: "memory" (one process) or "redis" (REDIS_URL, any number of workers).
+    "EVENT_LOG": os.environ.get("CHATBOT_EVENT_LOG", "") or ("redis" if REDIS_URL else "memory"),
     "EVENT_LOG_TTL": env_number("CHATBOT_EVENT_LOG_TTL", 3600.0, minimum=1),
     "ORPHAN_AFTER": env_number("CHATBOT_ORPHAN_AFTER", 30.0, minimum=1),
     "SHUTDOWN_GRACE": env_number("CHATBOT_SHUTDOWN_GRACE", 10.0, minimum=0),
@@ -251,6 +253,11 @@ CHATBOT = {
 if CHATBOT["PROVIDER"] not in {"openai", "local"}:
     raise ImproperlyConfigured(
         f"CHATBOT_PROVIDER={CHATBOT['PROVIDER']!r} is not supported: use 'openai' or 'local'."
+    )
+if CHATBOT["EVENT_LOG"] not in {"memory", "redis"} or (CHATBOT["EVENT_LOG"] == "redis" and not REDIS_URL):
+    raise ImproperlyConfigured(
+        f"CHATBOT_EVENT_LOG={CHATBOT['EVENT_LOG']!r}: use 'memory', or 'redis' together with "
+        "REDIS_URL=redis://host:6379/0."
     )
 if CHATBOT["PROVIDER"] == "openai" and not OPENAI_API_KEY:
     raise ImproperlyConfigured(

@@ -34,7 +34,9 @@ class EventLog:
       a terminal event closes the log, which is then kept for `ttl` seconds;
     - `read(message_id, after=, keepalive=)` yields the events with `seq > after`, then
       live ones, and returns after the terminal event; raises `LogNotFound`;
-    - `exists(message_id)`.
+    - `exists(message_id)`;
+    - a log shared by several processes also carries stop requests (`request_stop`,
+      `stop_requests`) to the process that runs the generation.
     """
 
     async def open(self, message_id: UUID) -> None:
@@ -48,6 +50,17 @@ class EventLog:
 
     async def exists(self, message_id: UUID) -> bool:
         raise NotImplementedError(".exists() must be overridden")
+
+    async def request_stop(self, message_id: UUID) -> bool:
+        """Ask another process to stop this answer; False when no other process shares the log."""
+        return False
+
+    def stop_requests(self) -> AsyncIterator[UUID] | None:
+        """Stop requests from other processes, or None when the log is not shared."""
+        return None
+
+    async def aclose(self) -> None:
+        """Release connections (at shutdown)."""
 
 
 @dataclass(slots=True)

@@ -319,6 +319,7 @@ class GenerationManager:
         self._dirty: dict[UUID, Generation] = {}
         self._flusher: asyncio.Task | None = None
         self._housekeeper: asyncio.Task | None = None
+        self._stop_listener: asyncio.Task | None = None
         # Counts batch writes, for the "writes per answer" benchmark and tests.
         self.flush_count = 0
 
@@ -402,13 +403,14 @@ class GenerationManager:
             *(self.stop(message_id, reason="interrupted") for message_id in list(self._running)),
             return_exceptions=True,
         )
-        for attribute in ("_flusher", "_housekeeper"):
+        for attribute in ("_flusher", "_housekeeper", "_stop_listener"):
             task = getattr(self, attribute)
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, RuntimeError):
                     await task
                 setattr(self, attribute, None)
+        await self.log.aclose()
         self.db.close()
 
     def ensure_housekeeping(self) -> None:
@@ -417,6 +419,21 @@ class GenerationManager:
         if task is not None and not task.done() and task.get_loop() is loop:
             return
         self._housekeeper = _detached_task(self._housekeeping(), name="generation-housekeeping")
+        if self.log.stop_requests() is not None:
+            self._stop_listener = _detached_task(self._listen_for_stops(), name="generation-stop-listener")
+
+    async def _listen_for_stops(self) -> None:
+        """Stop our generations that another process was asked to stop (shared event log)."""
+        while True:
+            try:
+                async for message_id in self.log.stop_requests():
+                    if message_id in self._running:
+                        _detached_task(self.stop(message_id), name=f"stop-{message_id}")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("listening for stop requests failed; retrying", exc_info=True)
+                await asyncio.sleep(1)
 
     async def _housekeeping(self) -> None:
         """Every few seconds: tell the database our generations are alive; sweep orphans."""
@@ -495,8 +512,20 @@ def get_manager() -> GenerationManager:
     """The process's generation manager, built on first use with the configured event log."""
     global _manager
     if _manager is None:
-        _manager = GenerationManager(InMemoryEventLog(ttl=chatbot_setting("EVENT_LOG_TTL")))
+        _manager = GenerationManager(_event_log_from_settings())
     return _manager
+
+
+def _event_log_from_settings() -> EventLog:
+    ttl = chatbot_setting("EVENT_LOG_TTL")
+    if chatbot_setting("EVENT_LOG") == "redis":
+        from django.conf import settings
+
+        from .eventlog_redis import RedisEventLog
+
+        # A log whose worker died without a terminal event expires after the longest answer.
+        return RedisEventLog(url=settings.REDIS_URL, ttl=ttl, max_age=chatbot_setting("TOTAL_TIMEOUT") + ttl)
+    return InMemoryEventLog(ttl=ttl)
 
 
 def reset_manager() -> None:

@@ -7,6 +7,7 @@ with `follow_events()`: one flow, several views of it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ Status = Message.Status
 # Chat-template overhead of one message (role markers, separators), in tokens.
 MESSAGE_OVERHEAD_TOKENS = 4
 TITLE_LENGTH = 60
+# How long a stop waits for another worker to confirm (it stops within a token or two).
+STOP_WAIT = 5.0
 
 
 @dataclass(slots=True)
@@ -295,13 +298,29 @@ async def message_stop(*, owner: Owner, message_id) -> Message:
     Idempotent: stopping a finished answer changes nothing and returns it as it is.
     """
     message = await message_get(owner=owner, message_id=message_id)
-    if not await get_manager().stop(message.id) and message.is_live:
-        # Live in the database but no generation here: its worker died. Close it as stopped.
-        await Message.objects.filter(pk=message.pk, status__in=Message.LIVE_STATUSES).aupdate(
-            status=Status.STOPPED, finish_reason="stopped"
-        )
+    manager = get_manager()
+    if not await manager.stop(message.id) and message.is_live:
+        if await manager.log.request_stop(message.id):
+            # Another worker runs it: wait for its terminal event (the outcome is saved by then).
+            await _wait_for_end(message, timeout=STOP_WAIT)
+        await message.arefresh_from_db()
+        if message.is_live:
+            # No worker answered: it died. Close the answer as stopped, keeping its text.
+            await Message.objects.filter(pk=message.pk, status__in=Message.LIVE_STATUSES).aupdate(
+                status=Status.STOPPED, finish_reason="stopped"
+            )
     await message.arefresh_from_db()
     return message
+
+
+async def _wait_for_end(message: Message, *, timeout: float) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            async for item in _message_events(message=message, after=0):
+                if item is not KEEPALIVE and item.is_terminal:
+                    return
+    except TimeoutError:
+        pass
 
 
 async def conversation_rename(*, owner: Owner, conversation_id, title: str) -> Conversation:

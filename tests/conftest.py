@@ -96,3 +96,14 @@ def live_server_url(transactional_db, fresh_manager, settings):
     settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
     with UvicornThread(application, lifespan="on", timeout_graceful_shutdown=3) as server:
         yield server.origin
+
+
+@pytest.fixture(scope="session", autouse=True)
+def close_thread_connections(django_db_setup, django_db_blocker):
+    """Close the connection asgiref's request thread kept, so the test database can be dropped."""
+    yield
+    from asgiref.sync import SyncToAsync
+    from django.db import connections
+
+    with django_db_blocker.unblock():
+        SyncToAsync.single_thread_executor.submit(connections.close_all).result(timeout=10)

@@ -1,0 +1,139 @@
+"""Event logs in Redis Streams, shared by every worker process of a cluster.
+
+One stream per answer, `chatbot:events:<message_id>`. Entry ids encode the
+sequence number (`1-<seq>`; `0-1` marks an opened, still empty log), so resuming
+after event N is `XRANGE (1-N +` followed by `XREAD BLOCK` from there. Only the
+generation's process appends to a log, so it numbers the events itself. A log
+expires `ttl` seconds after its terminal event (or after `max_age` if its worker
+died without one).
+
+Stop requests cross processes on the pub/sub channel `chatbot:stop`: the process
+running the generation stops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import weakref
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+import redis.asyncio as aioredis
+
+from .eventlog import KEEPALIVE, EventLog, LogNotFound
+from .events import Event
+
+OPEN_MARKER = "0-1"
+STOP_CHANNEL = "chatbot:stop"
+
+
+def _entry_id(seq: int) -> str:
+    return f"1-{seq}"
+
+
+class RedisEventLog(EventLog):
+    """`EventLog` on Redis Streams; see the module docstring for the layout."""
+
+    prefix = "chatbot:events:"
+
+    def __init__(self, *, url: str, ttl: float, max_age: float):
+        self.url = url
+        self.ttl = max(int(ttl), 1)
+        self.max_age = max(int(max_age), self.ttl)
+        self._next_seq: dict[UUID, int] = {}
+        # redis.asyncio clients belong to the event loop that made them.
+        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _redis(self) -> aioredis.Redis:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = aioredis.Redis.from_url(self.url)
+        return client
+
+    def _key(self, message_id: UUID) -> str:
+        return f"{self.prefix}{message_id}"
+
+    async def open(self, message_id: UUID) -> None:
+        self._next_seq[message_id] = 1
+        key = self._key(message_id)
+        async with self._redis().pipeline(transaction=True) as pipe:
+            pipe.xadd(key, {"open": 1}, id=OPEN_MARKER)
+            pipe.expire(key, self.max_age)
+            await pipe.execute()
+
+    async def append(self, message_id: UUID, type: str, data: dict) -> Event:
+        seq = self._next_seq.get(message_id)
+        if seq is None:
+            raise LogNotFound(message_id)
+        event = Event.create(seq, type, data, message_id)
+        key = self._key(message_id)
+        if event.is_terminal:
+            del self._next_seq[message_id]
+            async with self._redis().pipeline(transaction=True) as pipe:
+                pipe.xadd(key, {"e": event.json}, id=_entry_id(seq))
+                pipe.expire(key, self.ttl)
+                await pipe.execute()
+        else:
+            self._next_seq[message_id] = seq + 1
+            await self._redis().xadd(key, {"e": event.json}, id=_entry_id(seq))
+        return event
+
+    async def read(
+        self, message_id: UUID, *, after: int = 0, keepalive: float | None = None
+    ) -> AsyncIterator:
+        client = self._redis()
+        key = self._key(message_id)
+        if not await client.exists(key):
+            raise LogNotFound(message_id)
+        last = _entry_id(after) if after > 0 else OPEN_MARKER
+        entries = await client.xrange(key, min=f"({last}", max="+")
+        block_ms = int(keepalive * 1000) if keepalive else 0
+        while True:
+            for entry_id, fields in entries:
+                last = entry_id
+                payload = fields.get(b"e")
+                if payload is None:  # the open marker
+                    continue
+                event = _decode(payload)
+                yield event
+                if event.is_terminal:
+                    return
+            response = await client.xread({key: last}, block=block_ms, count=256)
+            if not response:
+                yield KEEPALIVE
+                entries = []
+            else:
+                entries = response[0][1]
+
+    async def exists(self, message_id: UUID) -> bool:
+        return bool(await self._redis().exists(self._key(message_id)))
+
+    async def request_stop(self, message_id: UUID) -> bool:
+        """Ask the process running this answer to stop it; True if some process listens."""
+        return await self._redis().publish(STOP_CHANNEL, str(message_id)) > 0
+
+    async def stop_requests(self) -> AsyncIterator[UUID]:
+        """Message ids whose stop was requested anywhere in the cluster."""
+        pubsub = self._redis().pubsub()
+        await pubsub.subscribe(STOP_CHANNEL)
+        try:
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    yield UUID(message["data"].decode())
+        finally:
+            await pubsub.aclose()
+
+    async def aclose(self) -> None:
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+
+def _decode(payload: bytes) -> Event:
+    text = payload.decode()
+    data = json.loads(text)
+    kind, seq = data.pop("type"), data.pop("seq")
+    data.pop("message_id", None)
+    return Event(seq, kind, data, text)
