@@ -120,7 +120,7 @@ async def test_event_loop_keeps_ticking_while_the_model_loads_and_generates(prov
     assert chunks[-1].usage.completion_tokens > 8
     # A blocked loop would show one gap as long as the whole answer; allow for a busy machine.
     assert len(gaps) >= max(10, elapsed / 0.01 / 4), (len(gaps), elapsed)
-    assert max(gaps) < min(0.2, elapsed / 2), (max(gaps), elapsed)
+    assert max(gaps) < elapsed * 0.6, (max(gaps), elapsed)
     assert counts and counts <= {2, len("Hello world") + 1}  # exact, or the bound while loading
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import statistics
 import time
 from datetime import timedelta
 
@@ -68,7 +69,8 @@ async def test_sse_frames_arrive_one_by_one_before_upstream_finishes(upstream, m
     )
     delta_times = [t for t, f in frames if f["event"] == "delta"]
     gaps = [b - a for a, b in zip(delta_times, delta_times[1:], strict=False)]
-    assert min(gaps) > 0.03, "deltas are relayed as produced, not batched"
+    # Relayed as produced, not batched (the median copes with a busy machine delaying one frame).
+    assert statistics.median(gaps) > 0.04, gaps
     assert frames[-1][1]["data"] == {
         "type": "done",
         "seq": 9,
