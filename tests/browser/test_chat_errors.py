@@ -155,6 +155,28 @@ def test_the_servers_rate_limit_is_explained(open_page, upstream, chatbot_settin
     expect(page.locator("#messageInput")).to_have_value("Two")
 
 
+@pytest.mark.parametrize(
+    ("streaming", "transport"), [(True, "sse"), (True, "ws"), (False, None)], ids=["sse", "ws", "json"]
+)
+def test_a_refused_regenerate_keeps_the_old_answer(
+    open_page, upstream, chatbot_settings, streaming, transport
+):
+    chatbot_settings(REQUESTS_PER_MINUTE=1)
+    upstream.enqueue(Script(chunks=["first"]))
+    page = open_page()
+    send(page, "One", streaming=streaming, transport=transport)
+    wait_answer_finished(page)
+
+    page.locator(".message-assistant .regenerate").click()
+
+    expect(page.locator("#composerError")).to_have_text(re.compile(r"^Too many requests, retry in \d+ s\.$"))
+    expect(page.locator(".message-user .bubble-body")).to_have_text(["One"])
+    expect(page.locator(".message-assistant .bubble-body")).to_have_text(["first"])
+    expect(page.locator(".regenerate:visible")).to_have_count(1)
+    expect(page.locator("#messageInput")).to_have_value("")
+    assert Message.objects.get(role=Message.Role.ASSISTANT).content == "first"
+
+
 def test_the_daily_token_allowance_is_explained(open_page, upstream, chatbot_settings):
     chatbot_settings(TOKENS_PER_DAY=1)
     upstream.enqueue(Script(chunks=["first", " answer"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
-from chatbot_api.models import Conversation
+from chatbot_api.models import Conversation, Message
 from tests.browser.pages import PHONE, screenshot, send, wait_answer_finished, wait_ready
 from tests.support.fake_openai import Script
 
@@ -90,7 +90,7 @@ def test_new_chat_switch_rename_delete(open_page, upstream):
     assert Conversation.objects.count() == 0
 
 
-def test_conversation_survives_a_reload_and_regenerate_resends(open_page, upstream):
+def test_conversation_survives_a_reload_and_regenerate_replaces_the_answer(open_page, upstream):
     upstream.enqueue(Script(chunks=["First answer"]), Script(chunks=["Second", " answer"]))
     page = open_page()
     send(page, "Hello there", streaming=True)
@@ -104,9 +104,11 @@ def test_conversation_survives_a_reload_and_regenerate_resends(open_page, upstre
     page.locator(".message-assistant .regenerate").click()
     answer = wait_answer_finished(page)
     expect(answer.locator(".bubble-body")).to_have_text("Second answer")
-    expect(page.locator(".message-user .bubble-body")).to_have_text(["Hello there", "Hello there"])
-    assert upstream.history[-1].messages[-1] == {"role": "user", "content": "Hello there"}
+    expect(page.locator(".message-user .bubble-body")).to_have_text(["Hello there"])
+    expect(page.locator(".message-assistant .bubble-body")).to_have_text(["Second answer"])
+    assert upstream.history[-1].messages == upstream.history[0].messages  # the same question, once
     assert Conversation.objects.count() == 1  # the same conversation
+    assert Message.objects.count() == 2
     expect(page.locator(".regenerate:visible")).to_have_count(1)  # only the last answer's
 
 

@@ -147,6 +147,68 @@ def test_websocket_transport_streams_and_is_remembered(open_page, upstream):
     expect(wait_answer_finished(page).locator(".bubble-body")).to_have_text("Second answer")
 
 
+@pytest.mark.parametrize(
+    ("streaming", "transport"), [(True, "sse"), (True, "ws"), (False, None)], ids=["sse", "ws", "json"]
+)
+def test_regenerate_replaces_the_last_answer_in_place(open_page, upstream, streaming, transport):
+    second = "".join(WORDS[:8]).strip()
+    upstream.enqueue(Script(chunks=["First answer"]), Script(chunks=WORDS[:8], interval=0.1))
+    page = open_page()
+    ws_frames = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda frame: ws_frames.append(json.loads(frame))))
+    send(page, "The question", streaming=streaming, transport=transport)
+    expect(wait_answer_finished(page).locator(".bubble-body")).to_have_text("First answer")
+    old = assistant_message()
+
+    page.locator(".message-assistant .regenerate").click()
+
+    if streaming:
+        assert_grew_in_steps(sample_answer_growth(page), second)
+    else:
+        expect(last_answer(page).locator(".loading")).to_have_text("The assistant is thinking...")
+    answer = wait_answer_finished(page)
+    expect(answer.locator(".bubble-body")).to_have_text(second)
+    expect(answer.locator(".streamed-mark")).to_have_count(1 if streaming else 0)
+    expect(page.locator(".message-user .bubble-body")).to_have_text(["The question"])
+    expect(page.locator(".message-assistant")).to_have_count(1)
+    expect(page.locator(".regenerate:visible")).to_have_count(1)
+    rows = Message.objects.filter(conversation=old.conversation).order_by("created_at")
+    assert [(row.role, row.content.strip()) for row in rows] == [
+        ("user", "The question"),
+        ("assistant", second),
+    ]
+    assert not Message.objects.filter(pk=old.pk).exists()
+    assert len(upstream.history) == 2
+    assert upstream.history[-1].messages == upstream.history[0].messages
+    assert [m for m in upstream.history[-1].messages if m["role"] == "user"] == [
+        {"role": "user", "content": "The question"}
+    ]
+    if transport == "ws":
+        assert [f["type"] for f in ws_frames] == ["chat", "regenerate"]
+        assert ws_frames[-1]["message_id"] == str(old.pk)
+
+
+def test_stop_a_regenerated_answer(open_page, upstream):
+    upstream.enqueue(Script(chunks=["First answer"]), Script(chunks=WORDS, interval=0.1))
+    page = open_page()
+    send(page, "The question", streaming=True)
+    wait_answer_finished(page)
+
+    page.locator(".message-assistant .regenerate").click()
+    page.wait_for_function(
+        "() => document.querySelector('.message-assistant .bubble-body').textContent.split(' ').length >= 4"
+    )
+    page.click("#stopButton")
+
+    answer = wait_answer_finished(page)
+    expect(answer.locator(".badge-stopped")).to_have_text("Stopped")
+    expect(page.locator(".message")).to_have_count(2)
+    message = Message.objects.get(role=Message.Role.ASSISTANT)
+    assert message.status == Message.Status.STOPPED
+    assert 0 < len(message.content.strip()) < len(WORDS_TEXT)
+    assert answer_text(page) == message.content.strip()
+
+
 @pytest.mark.parametrize("transport", ["sse", "ws"])
 def test_stop_keeps_the_partial_answer(open_page, upstream, transport):
     upstream.enqueue(Script(chunks=WORDS, interval=0.1))

@@ -201,22 +201,36 @@ export class ChatApi {
    * The seed's JSON mode: one request, the whole answer. Answers that failed while being
    * written still come back as a body (with message_id, status, code), not as an exception.
    */
-  async sendJson({ message, sessionId, signal }) {
+  sendJson({ message, sessionId, signal }) {
+    return this.answerJson("chat/", { body: chatBody(message, sessionId, false), signal });
+  }
+
+  /** Send a message and stream its answer as SSE on the same response. */
+  streamChat({ message, sessionId, signal, onEvent }) {
+    return this.streamAnswer("chat/", { body: chatBody(message, sessionId, true), signal }, onEvent);
+  }
+
+  /** Replace the last answer with a new one to the same question, as sendJson answers. */
+  regenerateJson({ messageId, signal }) {
+    return this.answerJson(regeneratePath(messageId), { signal });
+  }
+
+  /** Replace the last answer with a new one to the same question, streamed like streamChat. */
+  streamRegenerate({ messageId, signal, onEvent }) {
+    return this.streamAnswer(regeneratePath(messageId), { signal }, onEvent);
+  }
+
+  async answerJson(path, options) {
     try {
-      return await this.json("POST", "chat/", { body: chatBody(message, sessionId, false), signal });
+      return await this.json("POST", path, options);
     } catch (error) {
       if (error instanceof ApiError && error.body?.message_id) return error.body;
       throw error;
     }
   }
 
-  /** Send a message and stream its answer as SSE on the same response. */
-  async streamChat({ message, sessionId, signal, onEvent }) {
-    const response = await this.request("POST", "chat/", {
-      body: chatBody(message, sessionId, true),
-      accept: "text/event-stream",
-      signal,
-    });
+  async streamAnswer(path, options, onEvent) {
+    const response = await this.request("POST", path, { ...options, accept: "text/event-stream" });
     await readEventStream(response, onEvent);
   }
 
@@ -228,6 +242,10 @@ export class ChatApi {
   }
 }
 
+function regeneratePath(messageId) {
+  return `messages/${encodeURIComponent(messageId)}/regenerate`;
+}
+
 function chatBody(message, sessionId, streaming) {
   const body = { message, streaming };
   if (sessionId) body.session_id = sessionId;
@@ -235,9 +253,9 @@ function chatBody(message, sessionId, streaming) {
 }
 
 /**
- * The WebSocket transport: one socket for the page, opened on first use. Its methods
- * mirror ChatApi.streamChat / followEvents: they resolve at the answer's terminal event
- * and reject with ConnectionLost when the socket closes first.
+ * The WebSocket transport: one socket for the page, opened on first use. Its methods mirror
+ * ChatApi.streamChat / streamRegenerate / followEvents: they resolve at the answer's terminal
+ * event and reject with ConnectionLost when the socket closes first.
  */
 export class ChatSocket {
   constructor(url) {
@@ -245,19 +263,29 @@ export class ChatSocket {
     this.socket = null;
     this.opening = null;
     this.readers = new Map(); // message_id -> reader
-    this.pendingChats = []; // chat requests whose answer's id is not known yet, oldest first
+    this.pendingChats = []; // requests whose answer's id is not known yet, oldest first
     this.nextRequestId = 1;
   }
 
   /** Send a message and follow its answer. */
   streamChat({ message, sessionId, signal, onEvent }) {
-    const requestId = `r${this.nextRequestId++}`;
-    const frame = { type: "chat", message, request_id: requestId };
+    const frame = { type: "chat", message };
     if (sessionId) frame.session_id = sessionId;
+    return this.startAnswer(frame, signal, onEvent);
+  }
+
+  /** Replace the last answer with a new one to the same question, and follow it. */
+  streamRegenerate({ messageId, signal, onEvent }) {
+    return this.startAnswer({ type: "regenerate", message_id: messageId }, signal, onEvent);
+  }
+
+  /** Send a request that starts an answer; the server's `accepted` frame names it. */
+  startAnswer(frame, signal, onEvent) {
+    const requestId = `r${this.nextRequestId++}`;
     return this.run(signal, onEvent, (reader) => {
       reader.requestId = requestId;
       this.pendingChats.push(reader);
-      return frame;
+      return { ...frame, request_id: requestId };
     });
   }
 

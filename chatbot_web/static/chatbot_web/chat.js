@@ -277,6 +277,7 @@ class AnswerView {
     this.codeCache = new Map();
     this.streamed = false;
     this.model = "";
+    this.messageId = null; // known once the server names the answer
     this.completionTokens = null;
 
     this.item = messageItem("assistant");
@@ -374,7 +375,9 @@ class AnswerView {
     const actions = document.createElement("span");
     actions.className = "message-actions";
     if (this.text) actions.append(actionButton("copy-answer", "📋", gettext("Copy"), gettext("Copy answer")));
-    actions.append(actionButton("regenerate", "↻", gettext("Regenerate"), gettext("Regenerate the answer")));
+    if (this.messageId) {
+      actions.append(actionButton("regenerate", "↻", gettext("Regenerate"), gettext("Regenerate the answer")));
+    }
     this.footer.replaceChildren(details, actions);
   }
 }
@@ -387,6 +390,7 @@ function appendAnswerView() {
 
 function appendFinishedAnswer(message) {
   const view = appendAnswerView();
+  view.messageId = message.id;
   view.text = message.content;
   view.model = message.model;
   view.completionTokens = message.completion_tokens;
@@ -409,6 +413,7 @@ let chatSocket = null;
 const transports = {
   sse: {
     streamChat: (options) => api.streamChat(options),
+    streamRegenerate: (options) => api.streamRegenerate(options),
     followEvents: (options) => api.followEvents(options),
     stop: (messageId) => api.stopMessage(messageId),
   },
@@ -416,6 +421,9 @@ const transports = {
     socket: () => (chatSocket ??= new ChatSocket(wsUrl)),
     streamChat(options) {
       return this.socket().streamChat(options);
+    },
+    streamRegenerate(options) {
+      return this.socket().streamRegenerate(options);
     },
     followEvents(options) {
       return this.socket().followEvents(options);
@@ -434,12 +442,12 @@ function selectedTransport() {
 // Answer runs: one answer being read, its events, reconnection and stop
 
 class AnswerRun {
-  constructor(view, { transport = null, text = "" } = {}) {
+  constructor(view, { transport = null, text = "", replaces = null } = {}) {
     this.view = view;
     this.transport = transport; // null for the JSON mode
     this.text = text; // the user's message, to restore it if the request is refused
+    this.replaces = replaces; // the answer being regenerated, put back if the request is refused
     this.sessionId = state.sessionId;
-    this.messageId = null;
     this.lastSeq = 0;
     this.terminal = null;
     this.stopRequested = false;
@@ -451,6 +459,14 @@ class AnswerRun {
 
   get signal() {
     return this.controller.signal;
+  }
+
+  get messageId() {
+    return this.view.messageId;
+  }
+
+  set messageId(id) {
+    this.view.messageId = id;
   }
 
   get finished() {
@@ -586,15 +602,8 @@ function finishRun(run) {
 /** The answer could not be read. A refused request leaves nothing behind: undo the bubbles. */
 function failRun(run, error) {
   if (error instanceof ApiError && !run.messageId) {
-    const userItem = run.view.item.previousElementSibling;
-    run.view.item.remove();
-    if (userItem?.classList.contains("message-user")) userItem.remove();
-    if (!ui.messageList.children.length) ui.emptyState.hidden = false;
-    if (error.code === "conversation_not_found") startNewChat(); // deleted elsewhere: start afresh
-    if (!ui.messageInput.value) {
-      ui.messageInput.value = run.text;
-      updateCounter();
-    }
+    if (run.replaces) run.view.item.replaceWith(run.replaces.item);
+    else undoSend(run, error);
     showRequestError(error);
     refreshConversations();
     return;
@@ -603,6 +612,18 @@ function failRun(run, error) {
   const code = error instanceof ApiError ? error.code : error instanceof ConnectionLost ? "network" : "error";
   run.view.finish({ status: "failed", errorCode: code, retryAfter: error.retryAfter ?? null, limit: error.limit });
   announce(errorText(code));
+}
+
+function undoSend(run, error) {
+  const userItem = run.view.item.previousElementSibling;
+  run.view.item.remove();
+  if (userItem?.classList.contains("message-user")) userItem.remove();
+  if (!ui.messageList.children.length) ui.emptyState.hidden = false;
+  if (error.code === "conversation_not_found") startNewChat(); // deleted elsewhere: start afresh
+  if (!ui.messageInput.value) {
+    ui.messageInput.value = run.text;
+    updateCounter();
+  }
 }
 
 function waitBeforeRetry(attempt, signal, retryAfterSeconds = null) {
@@ -648,30 +669,49 @@ function sendMessage(text) {
   hideComposerError();
   appendUserMessage(text);
   scroller.toBottom();
-  if (ui.streamingCheckbox.checked) sendStreaming(text);
-  else sendJson(text);
+  const sessionId = state.sessionId;
+  requestAnswer(appendAnswerView(), { text }, {
+    stream: (transport, options) => transport.streamChat({ message: text, sessionId, ...options }),
+    json: (options) => api.sendJson({ message: text, sessionId, ...options }),
+  });
 }
 
-function sendStreaming(text) {
-  const view = appendAnswerView();
+/** Answer the last question again: the new answer takes the old one's place. */
+function regenerateLastAnswer() {
+  const old = answerViews.get(ui.messageList.lastElementChild);
+  if (state.runs.size || !old?.messageId) return;
+  hideComposerError();
+  const { messageId } = old;
+  const text = old.item.previousElementSibling?.querySelector(".bubble-body")?.textContent ?? "";
+  const view = new AnswerView();
+  old.item.replaceWith(view.item);
+  requestAnswer(view, { text, replaces: old }, {
+    stream: (transport, options) => transport.streamRegenerate({ messageId, ...options }),
+    json: (options) => api.regenerateJson({ messageId, ...options }),
+  });
+}
+
+/** Read a new answer in the chosen mode: `request.stream(transport, options)` or `request.json(options)`. */
+function requestAnswer(view, runOptions, request) {
+  if (ui.streamingCheckbox.checked) streamAnswer(view, runOptions, request.stream);
+  else jsonAnswer(view, runOptions, request.json);
+}
+
+function streamAnswer(view, runOptions, request) {
   view.streamed = true;
   view.setLoading(loadingText(true));
   const transport = selectedTransport();
-  const run = startRun(view, { transport, text });
-  const sessionId = state.sessionId;
-  return driveRun(run, () =>
-    transport.streamChat({ message: text, sessionId, signal: run.signal, onEvent: run.onEvent }),
-  );
+  const run = startRun(view, { ...runOptions, transport });
+  driveRun(run, () => request(transport, { signal: run.signal, onEvent: run.onEvent }));
 }
 
 /** The seed's mode: wait for the whole answer, then show it. */
-async function sendJson(text) {
-  const view = appendAnswerView();
+async function jsonAnswer(view, runOptions, request) {
   view.setLoading(loadingText(false));
   scroller.follow();
-  const run = startRun(view, { text });
+  const run = startRun(view, runOptions);
   try {
-    const body = await api.sendJson({ message: text, sessionId: state.sessionId, signal: run.signal });
+    const body = await request({ signal: run.signal });
     run.messageId = body.message_id;
     if (body.session_id !== state.sessionId) setSession(body.session_id);
     view.model = body.model;
@@ -724,13 +764,6 @@ async function stopJsonAnswer(run) {
 function stopAnswers() {
   ui.stopButton.disabled = true;
   for (const run of state.runs) run.stop().catch(showRequestError);
-}
-
-function regenerateLastAnswer() {
-  if (state.runs.size) return;
-  const users = ui.messageList.querySelectorAll(".message-user .bubble-body");
-  const last = users[users.length - 1];
-  if (last) sendMessage(last.textContent);
 }
 
 // ---------------------------------------------------------------------------------------------
