@@ -103,12 +103,7 @@ async def _start_answer(
     *, owner: Owner, provider: Provider, prompt: list[dict], transport: str, create
 ) -> Turn:
     """Count the answer against the limits, save it with `create()`, start its generation."""
-    await _acquire_rate_limits(owner)
-    try:
-        conversation, user_message, assistant_message = await create()
-    except BaseException:
-        await sync_to_async(rate_limiter.release)(owner.rate_key)
-        raise
+    conversation, user_message, assistant_message = await _limited(owner, create)
     metrics.CHAT_REQUESTS.labels(transport).inc()
     manager = get_manager()
     await manager.log.open(assistant_message.id)
@@ -128,11 +123,18 @@ async def _start_answer(
     return Turn(conversation, user_message, assistant_message)
 
 
-async def _acquire_rate_limits(owner: Owner) -> None:
+@sync_to_async
+def _limited(owner: Owner, create):
+    """Take a rate-limit slot and run `create` in one thread hop; give the slot back if it fails."""
     try:
-        await sync_to_async(rate_limiter.acquire)(owner.rate_key, owner.user_id)
+        rate_limiter.acquire(owner.rate_key, owner.user_id)
     except RateLimited as error:
         metrics.RATE_LIMITED.labels(error.limit).inc()
+        raise
+    try:
+        return create()
+    except BaseException:
+        rate_limiter.release(owner.rate_key)
         raise
 
 
@@ -168,7 +170,6 @@ async def build_prompt(
     return [*prompt, *history, {"role": "user", "content": text}]
 
 
-@sync_to_async
 def _create_turn(*, owner: Owner, conversation: Conversation | None, text: str, provider: Provider):
     with transaction.atomic():
         if conversation is None:
@@ -179,7 +180,6 @@ def _create_turn(*, owner: Owner, conversation: Conversation | None, text: str, 
         return conversation, user_message, _create_answer(conversation, provider)
 
 
-@sync_to_async
 def _replace_answer(*, old_answer: Message, question: Message, provider: Provider):
     with transaction.atomic():
         old_answer.delete()
