@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from uuid import UUID
 
-from .events import Event
+from .events import DELTA, Event
 
 # Yielded by `read()` when nothing happened for `keepalive` seconds, so transports
 # can send a keep-alive frame without a timer of their own.
@@ -65,7 +65,10 @@ class EventLog:
 
 @dataclass(slots=True)
 class _Stream:
-    events: list[Event] = field(default_factory=list)
+    # A delta, nearly every event, is kept as a plain `(text, json)` tuple of strings: the
+    # garbage collector stops tracking those, so a growing log no longer lengthens every full
+    # collection (a pause for every stream), and it takes half the memory. Others stay Events.
+    events: list[Event | tuple[str, str]] = field(default_factory=list)
     # Replaced on every append: readers wait on the current one, the append sets it.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     expires_at: float | None = None
@@ -93,7 +96,7 @@ class InMemoryEventLog(EventLog):
         if stream.expires_at is not None:
             raise RuntimeError(f"the event log of {message_id} is closed")
         event = Event.create(len(stream.events) + 1, type, data, message_id)
-        stream.events.append(event)
+        stream.events.append((data["text"], event.json) if type == DELTA and len(data) == 1 else event)
         if event.is_terminal:
             stream.expires_at = self.clock() + self.ttl
         waiters, stream.changed = stream.changed, asyncio.Event()
@@ -112,6 +115,8 @@ class InMemoryEventLog(EventLog):
             while position < len(events):
                 event = events[position]
                 position += 1
+                if not isinstance(event, Event):
+                    event = Event(position, DELTA, {"text": event[0]}, event[1])
                 yield event
                 if event.is_terminal:
                     return

@@ -1,0 +1,1 @@
+"""Benchmarks of the streaming relay: `python -m bench.run` (see docs/benchmarks.md)."""

@@ -1,0 +1,618 @@
+"""`python -m bench.run`: every benchmark scenario, one table (stdout and bench/results/latest.md).
+
+Scenarios (docs/benchmarks.md explains each number and its target):
+
+    latency  added TTFT and inter-token gaps at 1 stream, per transport, vs the upstream direct
+    scale    streams per worker: 50 .. 1000 concurrent SSE streams at 20 tokens/s
+    db       database writes per answer vs answer length, token count and flush interval
+    local    tokens/s of the local model through the server vs llama.cpp in one process
+    stop     from the stop request to the upstream connection closing
+
+The server (`uvicorn chatbot.asgi:application`, one worker) and the fake upstream run as
+separate processes on 127.0.0.1; this process is the load generator. Everything is killed
+on exit, and every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import math
+import os
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import openai
+
+from bench import load, servers
+from bench.load import Stream, Summary, WebSocketChat, http_client, message
+from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, Script
+
+SCENARIOS = ("latency", "scale", "db", "local", "stop")
+RESULTS = servers.ROOT / "bench" / "results" / "latest.md"
+LOCAL_PROMPT = "Write a short story about a robot who learns to paint."
+WARM_UP = message(chunks=4, interval=0)
+STREAMED = ("sse", "websocket", "ndjson")
+Runs = dict[str, list[Stream]]  # client name -> its answers
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of every scenario: the full run, or `--quick` (the smoke test's)."""
+
+    runs: int
+    rounds: int  # latency: requests per client per run
+    latency_chunks: int
+    latency_interval: float
+    steps: tuple[int, ...]  # scale: concurrent streams
+    step_interval: float
+    ramp: float  # scale: seconds over which a step's streams open
+    hold: float  # scale: seconds all the streams of a step are open together
+    db_configs: tuple[tuple[int, float, float], ...]  # (chunks, seconds between them, flush interval)
+    db_answers: int
+    stops: int
+    stop_interval: float
+    local_tokens: int
+    local_pairs: int
+
+    @classmethod
+    def full(cls, runs: int) -> Plan:
+        return cls(
+            runs=runs, rounds=10, latency_chunks=64, latency_interval=0.02,
+            steps=(50, 100, 250, 500, 1000), step_interval=0.05, ramp=20.0, hold=5.0,
+            db_configs=((64, 0.0, 0.25), (64, 0.02, 0.25), (256, 0.005, 0.25), (64, 0.02, 0.1)),
+            db_answers=runs, stops=4 * runs, stop_interval=0.1, local_tokens=128, local_pairs=2 * runs,
+        )  # fmt: skip
+
+    @classmethod
+    def quick(cls, runs: int) -> Plan:
+        return cls(
+            runs=runs, rounds=2, latency_chunks=16, latency_interval=0.005,
+            steps=(2, 5), step_interval=0.05, ramp=0.2, hold=0.3,
+            db_configs=((16, 0.0, 0.25), (16, 0.02, 0.25), (64, 0.005, 0.25)),
+            db_answers=1, stops=1, stop_interval=0.05, local_tokens=16, local_pairs=1,
+        )  # fmt: skip
+
+
+@dataclass
+class Row:
+    scenario: str
+    measure: str
+    result: str
+    target: str = ""
+    met: bool | None = None
+
+
+@dataclass
+class Bench:
+    plan: Plan
+    workdir: Path
+    database: servers.Database
+    upstream: servers.Process
+
+    def server(self, **overrides: str) -> contextlib.AbstractContextManager[servers.Process]:
+        """A fresh product server (its own copy of the database) on the shared upstream."""
+        return servers.server(self.workdir, self.database, upstream_url=self.upstream.url, **overrides)
+
+
+def ms(seconds: float) -> str:
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.1f} ms"
+
+
+def quantiles(summary: Summary) -> str:
+    return f"p50 {ms(summary.p50)} · p99 {ms(summary.p99)}"
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def progress(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+def _rotated(items: list[str], by: int) -> list[str]:
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
+def _failures(streams: list[Stream]) -> str:
+    errors = Counter(s.error or f"ended with {s.terminal or 'nothing'}" for s in streams if not s.ok)
+    return "; ".join(f"{count}× {error[:120]}" for error, count in errors.most_common(3))
+
+
+def _ttfts(streams: list[Stream]) -> Summary:
+    return Summary.of([s.ttft for s in streams if s.ok and s.ttft is not None])
+
+
+def _totals(streams: list[Stream]) -> Summary:
+    return Summary.of([s.total for s in streams if s.ok and s.total is not None])
+
+
+def _gaps(streams: list[Stream]) -> Summary:
+    return Summary.of([gap for s in streams if s.ok for gap in s.gaps])
+
+
+# --- 1 + 2: latency at one stream ------------------------------------------------------------------------
+
+
+async def latency(bench: Bench) -> list[Row]:
+    """Every transport, the upstream direct and the SDK direct, interleaved, one request at a time."""
+    plan = bench.plan
+    text = message(chunks=plan.latency_chunks, interval=plan.latency_interval)
+    per_run: list[Runs] = []
+    cpu: Counter[str] = Counter()  # this process's CPU per client: what reading the upstream costs
+    sdk = openai.AsyncOpenAI(base_url=bench.upstream.url, api_key="sk-benchmark", max_retries=0)
+    try:
+        for run_number in range(plan.runs):
+            progress(f"latency run {run_number + 1}/{plan.runs}")
+            with bench.server() as server:
+                async with http_client() as client:
+                    socket = await WebSocketChat.open(server.url)
+                    try:
+                        clients = _latency_clients(client, sdk, socket, server.url, bench.upstream.url)
+                        for run_one in clients.values():  # connections, lazy imports, the SDK client
+                            await run_one(WARM_UP)
+                        run: Runs = {name: [] for name in clients}
+                        for round_ in range(plan.rounds):
+                            for name in _rotated(list(clients), round_):
+                                before = own_cpu()
+                                run[name].append(await clients[name](text))
+                                cpu[name] += own_cpu() - before
+                    finally:
+                        await socket.close()
+            per_run.append(run)
+    finally:
+        await sdk.close()
+    streams = {name: [s for run in per_run for s in run[name]] for name in per_run[0]}
+    return _ttft_rows(plan, per_run, streams) + _gap_rows(plan, streams, cpu)
+
+
+def _latency_clients(
+    client: httpx.AsyncClient, sdk: openai.AsyncOpenAI, socket: WebSocketChat, origin: str, upstream: str
+) -> dict[str, Callable[[str], Awaitable[Stream]]]:
+    return {
+        "direct": lambda text: load.direct(client, upstream, text),
+        "openai-sdk": lambda text: load.sdk(sdk, text),
+        "sse": lambda text: load.sse(client, origin, text),
+        "websocket": socket.chat,
+        "ndjson": lambda text: load.ndjson(client, origin, text),
+        "json": lambda text: load.json_answer(client, origin, text),
+    }
+
+
+def _ttft_rows(plan: Plan, per_run: list[Runs], streams: Runs) -> list[Row]:
+    scenario = f"1. TTFT, 1 stream ({plan.latency_chunks} chunks × {plan.latency_interval * 1000:g} ms)"
+    base = _ttfts(streams["direct"])
+    sdk = _ttfts(streams["openai-sdk"]).minus(base)
+    rows = [
+        Row(scenario, "upstream direct TTFT (the baseline)", f"{quantiles(base)} (n={base.n})"),
+        Row(scenario, "added TTFT, openai SDK direct (the provider's client alone)", quantiles(sdk)),
+    ]
+    added: dict[str, Summary] = {}
+    for name in STREAMED:
+        added[name] = _ttfts(streams[name]).minus(base)
+        by_run = " / ".join(ms(_ttfts(run[name]).p50 - _ttfts(run["direct"]).p50) for run in per_run)
+        target, met = "", None
+        if name == "sse":
+            target, met = "p50 ≤ 3 ms, p99 ≤ 10 ms", added[name].p50 <= 0.003 and added[name].p99 <= 0.010
+        rows.append(Row(scenario, f"added TTFT, {name}", f"{quantiles(added[name])} (p50 by run: {by_run})",
+                        target, met))  # fmt: skip
+    ratio = added["websocket"].p50 / added["sse"].p50 if added["sse"].p50 > 0 else float("nan")
+    rows.append(Row(scenario, "added TTFT, WebSocket / SSE (p50)", f"{ratio:.2f}×", "≤ 1.25×", ratio <= 1.25))
+    answer = _totals(streams["json"]).minus(_totals(streams["direct"]))
+    rows.append(Row(scenario, "added time to the whole answer, JSON mode", quantiles(answer)))
+    return rows
+
+
+def _gap_rows(plan: Plan, streams: Runs, cpu: Counter[str]) -> list[Row]:
+    scenario = "2. Inter-token gap, 1 stream"
+    base = _gaps(streams["direct"])
+    rows = [Row(scenario, "upstream direct gap (the baseline)", quantiles(base))]
+    for name in ("openai-sdk", *STREAMED):
+        extra = _gaps(streams[name]).minus(base)
+        target, met = ("≤ 2 ms", extra.p99 <= 0.002) if name in STREAMED else ("", None)
+        result = f"{ms(extra.p99)} (p99 {ms(_gaps(streams[name]).p99)}, max {ms(_gaps(streams[name]).max)})"
+        rows.append(Row(scenario, f"added gap p99, {name}", result, target, met))
+    for name, items in streams.items():
+        if any(not s.ok for s in items):
+            rows.append(Row(scenario, f"errors, {name}", _failures(items), "0", False))
+    relayed = [s for name in STREAMED for s in streams[name]]
+    received, sent = sum(len(s.deltas) for s in relayed), plan.latency_chunks * len(relayed)
+    rows.append(Row(scenario, "text frames received / sent by the upstream (SSE, WS, NDJSON)",
+                    f"{received} / {sent}", "equal: no coalescing, no loss", received == sent))  # fmt: skip
+    first = max((s.ttft or 0.0 for s in relayed), default=float("nan"))
+    upstream_end = _totals(streams["direct"]).p50
+    rows.append(Row(scenario, "first frame vs the upstream's last",
+                    f"latest first frame {ms(first)}; the upstream's stream lasts {ms(upstream_end)}",
+                    "first frame before the upstream ends", first < upstream_end))  # fmt: skip
+    frames = {name: max(sum(len(s.deltas) for s in streams[name]), 1) for name in ("direct", "openai-sdk")}
+    raw, typed = (cpu[name] / frames[name] * 1e6 for name in ("direct", "openai-sdk"))
+    rows.append(Row(scenario, "load generator's CPU per text frame: raw httpx / openai SDK",
+                    f"{raw:.0f} µs / {typed:.0f} µs (request overheads included)"))  # fmt: skip
+    return rows
+
+
+# --- 3: streams per worker ---------------------------------------------------------------------
+
+
+async def _sample_rss(process: servers.Process, peak: list[int]) -> None:
+    while True:
+        with contextlib.suppress(OSError, RuntimeError):
+            peak[0] = max(peak[0], process.rss_kib())
+        await asyncio.sleep(0.2)
+
+
+@dataclass
+class Step:
+    """One concurrency step, measured."""
+
+    count: int
+    chunks: int
+    relayed: list[Stream]
+    control: list[Stream]
+    cpu: tuple[float, float, float]  # CPU seconds used by the server, the upstream, this process
+    wall: float
+    idle_rss: int
+    peak_rss: int
+
+
+async def scale(bench: Bench) -> list[Row]:
+    """Per step: the control (straight to the upstream), then a fresh server relaying the same load."""
+    plan = bench.plan
+    rows: list[Row] = []
+    for count in plan.steps:
+        progress(f"scale: {count} streams")
+        chunks = math.ceil((plan.ramp + plan.hold) / plan.step_interval)
+        text = message(chunks=chunks, interval=plan.step_interval)
+        async with http_client() as client:
+            direct = functools.partial(load.direct, client, bench.upstream.url, text)
+            control = await load.ramped(direct, count, plan.ramp)
+        with bench.server() as server:
+            async with http_client() as client:
+                for _ in range(3):
+                    await load.sse(client, server.url, WARM_UP)
+                await asyncio.sleep(0.5)
+                idle_rss, peak = server.rss_kib(), [0]
+                before = (server.cpu_seconds(), bench.upstream.cpu_seconds(), own_cpu(), time.perf_counter())
+                sampler = asyncio.create_task(_sample_rss(server, peak))
+                try:
+                    relay = functools.partial(load.sse, client, server.url, text)
+                    relayed = await load.ramped(relay, count, plan.ramp)
+                finally:
+                    sampler.cancel()
+                server.check_alive()
+                used = (server.cpu_seconds(), bench.upstream.cpu_seconds(), own_cpu())
+                cpu = (used[0] - before[0], used[1] - before[1], used[2] - before[2])
+                wall = time.perf_counter() - before[3]
+        step = Step(count, chunks, relayed, control, cpu, wall, idle_rss, peak[0])
+        rows.append(_scale_row(step, plan))
+    return rows
+
+
+def _scale_row(step: Step, plan: Plan) -> Row:
+    relayed, count = step.relayed, step.count
+    added = _ttfts_all(relayed).minus(_ttfts_all(step.control))
+    worst_gap = max((gap for s in relayed for gap in s.gaps), default=float("nan"))
+    control_gap = max((gap for s in step.control for gap in s.gaps), default=float("nan"))
+    errors = sum(not s.ok for s in relayed)
+    lost = sum(max(step.chunks - len(s.deltas), 0) for s in relayed)
+    tokens = sum(len(s.deltas) for s in relayed)
+    per_1k = step.cpu[0] / tokens * 1000 if tokens else float("nan")
+    rss = (step.peak_rss - step.idle_rss) / count
+    server, upstream, generator = (f"{used / step.wall:.0%}" for used in step.cpu)
+    result = (
+        f"added TTFT {quantiles(added)}; worst gap {ms(worst_gap)} (direct: {ms(control_gap)}); "
+        f"errors {errors}; lost frames {lost}; {per_1k:.2f} CPU-s per 1k tokens (CPU: server {server}, "
+        f"upstream {upstream}, load generator {generator}); {rss:.0f} KiB RSS per stream"
+    )
+    if errors:
+        result += f" [{_failures(relayed)}]"
+    seconds = step.chunks * plan.step_interval
+    return Row(
+        f"3. Streams per worker: {count} × 20 tok/s", f"{count} SSE streams of {seconds:g} s, opened over "
+        f"{plan.ramp:g} s", result, "no error, no lost frame, gaps ≤ 200 ms, ≤ 64 KiB/stream",
+        errors == 0 and lost == 0 and worst_gap <= 0.2 and rss <= 64,
+    )  # fmt: skip
+
+
+def _ttfts_all(streams: list[Stream]) -> Summary:
+    """TTFT of every stream that got a first frame, failed or not (a slow start is the point here)."""
+    return Summary.of([s.ttft for s in streams if s.ttft is not None])
+
+
+# --- 4: database writes ------------------------------------------------------------------------
+
+PARTIAL = "UPDATE chatbot_api_message partial"  # a batched flush of a streaming answer's text
+DbConfig = tuple[int, float, float]  # chunks, seconds between them, flush interval
+
+
+async def db_writes(bench: Bench) -> list[Row]:
+    """Statements the server runs per answer, logged by `bench.settings` (BENCH_SQL_LOG)."""
+    plan = bench.plan
+    scenario = "4. Database writes per answer"
+    rows: list[Row] = []
+    flushes: dict[DbConfig, float] = {}
+    durations: dict[DbConfig, float] = {}
+    for flush in sorted({config[2] for config in plan.db_configs}, reverse=True):
+        log = bench.workdir / f"sql-{flush:g}.log"
+        with bench.server(BENCH_SQL_LOG=str(log), CHATBOT_FLUSH_INTERVAL=f"{flush:g}") as server:
+            async with http_client() as client:
+                await load.sse(client, server.url, WARM_UP)
+                for chunks, interval, _ in [config for config in plan.db_configs if config[2] == flush]:
+                    progress(f"db: {chunks} tokens × {interval * 1000:g} ms, flush {flush:g} s")
+                    await asyncio.sleep(0.3)  # the warm-up's or the last config's writes are all in
+                    seen = len(_lines(log))
+                    text = message(chunks=chunks, interval=interval)
+                    answers = [await load.sse(client, server.url, text) for _ in range(plan.db_answers)]
+                    await asyncio.sleep(0.3)
+                    writes = Counter(_lines(log)[seen:])
+                    flushes[(chunks, interval, flush)] = writes[PARTIAL] / len(answers)
+                    durations[(chunks, interval, flush)] = _totals(answers).p50
+                    rows.append(_db_row(scenario, (chunks, interval, flush), writes, answers))
+    keys = ((64, 0.02, 0.25), (256, 0.005, 0.25), (64, 0.0, 0.25))
+    if all(key in flushes for key in keys):
+        slow, many, instant = (flushes[key] for key in keys)
+        bounded = all(flushes[key] <= durations[key] / key[2] + 1 for key in flushes)
+        rows.append(Row(
+            scenario, "partial-text flushes follow duration / flush interval, not tokens",
+            f"64 tokens in 1.3 s: {slow:g}; 4× the tokens in the same time: {many:g}; 64 tokens at once: "
+            f"{instant:g}; every answer ≤ its duration / flush interval + 1: {bounded}",
+            "4× tokens → < 2× flushes; instant → ≤ 1; bounded by time",
+            many < 2 * slow and instant <= 1 and bounded,
+        ))  # fmt: skip
+    return rows
+
+
+def _db_row(scenario: str, config: DbConfig, writes: Counter[str], answers: list[Stream]) -> Row:
+    (chunks, interval, flush), n = config, len(answers)
+    partial, duration = writes[PARTIAL] / n, _totals(answers).p50
+    detail = ", ".join(f"{kind.lower()} {count / n:g}" for kind, count in sorted(writes.items()))
+    failed = sum(not s.ok for s in answers)
+    return Row(
+        scenario, f"{chunks} tokens × {interval * 1000:g} ms, flush every {flush:g} s",
+        f"{sum(writes.values()) / n:g} writes/answer, {partial:g} of them partial-text flushes (answer lasts "
+        f"{ms(duration)} = {duration / flush:.1f} flush intervals) [{detail}]"
+        + (f"; {failed} failed" if failed else ""),
+    )  # fmt: skip
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+# --- 5: the local model ------------------------------------------------------------------------
+
+
+async def local_model(bench: Bench) -> list[Row]:
+    """SmolLM2 through the server (SSE) vs the same generation in this process, alternating.
+
+    With as many llama.cpp threads as cores (the provider's default: the target's row), then
+    with one core left free, which shows what the relay's own CPU takes from the model.
+    """
+    cores = os.cpu_count() or 1
+    rows: list[Row] = []
+    for threads in (cores, cores - 1) if cores > 1 else (cores,):
+        relayed, direct = await _local_pairs(bench, threads)
+        through, alone = _decode_rate(relayed), _decode_rate(direct)
+        counts = sorted({s.completion_tokens for s in relayed + direct})
+        target, met = ("≥ 95%", through / alone >= 0.95) if threads == cores else ("", None)
+        tokens = bench.plan.local_tokens
+        scenario = (
+            f"5. Local model ({tokens} tokens, temperature 0, {threads} of {cores} cores for llama.cpp)"
+        )
+        rows.append(Row(
+            scenario, "tokens/s received through the server (SSE) / llama.cpp in one process",
+            f"{through:.1f} / {alone:.1f} tok/s = {through / alone:.1%} (first to last token, median of "
+            f"{len(relayed)}; request to done: {_overall_rate(relayed):.1f} / {_overall_rate(direct):.1f}); "
+            f"answers of {counts} tokens", target, met,
+        ))  # fmt: skip
+        if any(not s.ok for s in relayed):
+            rows.append(Row(scenario, "errors", _failures(relayed), "0", False))
+    return rows
+
+
+async def _local_pairs(bench: Bench, threads: int) -> tuple[list[Stream], list[Stream]]:
+    plan, tokens = bench.plan, bench.plan.local_tokens
+    settings = {
+        "CHATBOT_PROVIDER": "local", "CHATBOT_MAX_TOKENS": str(tokens), "CHATBOT_TEMPERATURE": "0",
+        "CHATBOT_LOCAL_THREADS": str(threads), "CHATBOT_LOCAL_CONTEXT": "2048",
+    }  # fmt: skip
+    messages = [
+        {"role": "system", "content": servers.SERVER_ENV["CHATBOT_SYSTEM_PROMPT"]},
+        {"role": "user", "content": LOCAL_PROMPT},
+    ]
+    relayed: list[Stream] = []
+    direct: list[Stream] = []
+    with bench.server(**settings) as server:
+        async with http_client() as client:
+            await load.sse(client, server.url, LOCAL_PROMPT)  # loads the model
+            llama = await asyncio.to_thread(load.DirectLlama, threads=threads, context=2048)
+            try:
+                await asyncio.to_thread(llama.answer, messages, max_tokens=tokens)
+                for pair in range(plan.local_pairs):
+                    progress(f"local model, {threads} threads: pair {pair + 1}/{plan.local_pairs}")
+                    relayed.append(await load.sse(client, server.url, LOCAL_PROMPT))
+                    direct.append(await asyncio.to_thread(llama.answer, messages, max_tokens=tokens))
+            finally:
+                llama.close()
+    return relayed, direct
+
+
+def _decode_rate(streams: list[Stream]) -> float:
+    """Text pieces a second from the first to the last, the median over answers."""
+    timed = [s.deltas for s in streams if s.ok and len(s.deltas) > 1]
+    return load.percentile([(len(deltas) - 1) / (deltas[-1] - deltas[0]) for deltas in timed], 50)
+
+
+def _overall_rate(streams: list[Stream]) -> float:
+    """Tokens a second from the request to the last event, the median over answers."""
+    return load.percentile([s.completion_tokens / s.total for s in streams if s.ok and s.completion_tokens
+                            and s.total], 50)  # fmt: skip
+
+
+# --- 6: stop --------------------------------------------------------------------------------
+
+
+async def stop(bench: Bench) -> list[Row]:
+    """Stop answers mid-stream as the page does; the upstream runs in this process to share its clock."""
+    plan = bench.plan
+    fake = FakeOpenAI(Script(chunks=(" tok",) * 400, interval=plan.stop_interval))
+    to_close: list[float] = []
+    to_reply: list[float] = []
+    to_done: list[float] = []
+    problems: list[str] = []
+    with (
+        FakeOpenAIServer(fake) as upstream,
+        servers.server(bench.workdir, bench.database, upstream_url=upstream.url) as server,
+    ):
+        client = await load.browser(server.url)
+        try:
+            fake.enqueue(Script(chunks=("Hi",)))
+            await load.sse(client, server.url, "Warm up.")  # lazy imports and connections: not measured
+            for index in range(1, plan.stops + 1):
+                stream = Stream("sse")
+                reader = asyncio.create_task(load.sse(client, server.url, "Tell me a long story.", stream))
+                async with asyncio.timeout(30):
+                    while len(stream.deltas) < 3 and not reader.done():  # noqa: ASYNC110 (polls a plain list)
+                        await asyncio.sleep(0.005)
+                record = await fake.wait_for_request_async(index + 1)
+                asked, asked_perf = time.monotonic(), time.perf_counter()
+                response = await client.post(f"/api/messages/{stream.message_id}/stop")
+                to_reply.append(time.monotonic() - asked)
+                await fake.wait_for_disconnect_async(index, timeout=10)
+                await asyncio.wait_for(reader, 30)
+                to_close.append(record.closed_at - asked)
+                if stream.end is not None:
+                    to_done.append(stream.end - asked_perf)
+                status = response.json().get("status") if response.is_success else response.status_code
+                if status != "stopped" or not record.disconnected or stream.terminal != "done":
+                    problems.append(f"status {status}, upstream saw a disconnect: {record.disconnected}, "
+                                    f"stream ended with {stream.terminal or stream.error}")  # fmt: skip
+        finally:
+            await client.aclose()
+    scenario = f"6. Stop ({plan.stop_interval * 1000:g} ms between upstream chunks)"
+    close = Summary.of(to_close)
+    target = min(1.0, 2 * plan.stop_interval)
+    rows = [
+        Row(scenario, "stop request → upstream connection closed",
+            f"p50 {ms(close.p50)} · max {ms(close.max)} (n={close.n}); stop reply p50 "
+            f"{ms(load.percentile(to_reply, 50))}; `done` event p50 {ms(load.percentile(to_done, 50))}",
+            f"≤ {ms(target)} (1 s and 2 chunk intervals)", close.max <= target),
+    ]  # fmt: skip
+    if problems:
+        rows.append(Row(scenario, "answers not ending as stopped", "; ".join(problems[:3]), "none", False))
+    return rows
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+RUNNERS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
+    "latency": latency, "scale": scale, "db": db_writes, "local": local_model, "stop": stop,
+}  # fmt: skip
+
+
+async def run_all(plan: Plan, names: list[str], workdir: Path) -> tuple[list[Row], bool]:
+    rows: list[Row] = []
+    failed = False
+    database = servers.Database(workdir)
+    with servers.upstream(workdir) as upstream:
+        bench = Bench(plan, workdir, database, upstream)
+        for name in names:
+            progress(f"{name} ...")
+            started = time.monotonic()
+            try:
+                rows += await RUNNERS[name](bench)
+            except Exception as error:  # report it in the table and go on with the next scenario
+                failed = True
+                message_ = f"{error.__class__.__name__}: {error}"[:2000]
+                rows.append(Row(name, "scenario failed", message_, met=False))
+            progress(f"{name} done in {time.monotonic() - started:.0f} s")
+    return rows, failed
+
+
+def render(rows: list[Row], *, command: str, plan: Plan, started: str, load_before: str) -> str:
+    info = servers.machine()
+    mark = {True: "met", False: "**missed**", None: ""}
+    lines = [
+        "# Benchmark results",
+        "",
+        f"- Command: `{command}`",
+        f"- Date: {started} UTC; {plan.runs} run(s); load average (1/5/15 min) before: {load_before}, "
+        f"after: {servers.load_average()}",
+        f"- Machine: {info['cpu']}, {info['ram']} RAM, {info['os']}",
+        f"- Versions: Python {info['python']}, {info['versions']}",
+        "- One uvicorn worker; the fake upstream and this load generator are separate processes sharing "
+        'the same cores. "Added" = a quantile through our server minus the same quantile straight to the '
+        "upstream, both measured in this run.",
+        "",
+        "| Scenario | Measure | Result | Target | Status |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = (row.scenario, row.measure, row.result, row.target, mark[row.met])
+        lines.append("| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 run, no local model (smoke test)")
+    parser.add_argument("--scenario", action="append", choices=SCENARIOS, help="only these (repeatable)")
+    parser.add_argument("--runs", type=int, help="repetitions of each measurement (default 3, --quick 1)")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the table (%(default)s)")
+    parser.add_argument("--keep", action="store_true", help="keep the servers' logs and databases")
+    args = parser.parse_args(argv)
+    plan = Plan.quick(args.runs or 1) if args.quick else Plan.full(args.runs or 3)
+    names = args.scenario or [name for name in SCENARIOS if not (args.quick and name == "local")]
+
+    servers.raise_fd_limit()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: kill the children
+    python = sys.executable
+    if python.startswith(str(servers.ROOT)):
+        python = os.path.relpath(python, servers.ROOT)
+    command = " ".join([python, "-m", "bench.run", *argv])
+    started, load_before = datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), servers.load_average()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    failed = True
+    try:
+        rows, failed = _event_loop_run(run_all(plan, names, workdir))
+    finally:
+        if failed or args.keep:
+            progress(f"logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    table = render(rows, command=command, plan=plan, started=started, load_before=load_before)
+    print(table)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(table)
+    return 1 if failed else 0
+
+
+def _event_loop_run(coroutine):
+    """uvloop when installed (as uvicorn uses): a cheaper loop leaves more CPU to the server."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

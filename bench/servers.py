@@ -1,0 +1,264 @@
+"""The processes a benchmark runs: the fake upstream and the product under uvicorn, on 127.0.0.1.
+
+Each is a context manager that kills its process on exit, whatever happened, so a failed
+or interrupted run leaves nothing listening. The server's environment is built here in
+full (no `.env`, see `bench.settings`), and its CPU time and memory are read from /proc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# The server's settings; values a scenario changes are passed as overrides. Numbers and
+# booleans set to "" mean "the product's default" (see chatbot/settings.py).
+SERVER_ENV = {
+    "DJANGO_SETTINGS_MODULE": "bench.settings",
+    "DJANGO_SECRET_KEY": "benchmark-only-not-secret",
+    "DJANGO_DEBUG": "false",
+    "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+    "DJANGO_LOG_LEVEL": "WARNING",
+    "REDIS_URL": "",
+    "CHATBOT_EVENT_LOG": "memory",  # one worker, its events in its own memory
+    "CHATBOT_PROVIDER": "openai",
+    "CHATBOT_MODEL": "",
+    "OPENAI_API_KEY": "sk-benchmark",
+    "OPENAI_MAX_RETRIES": "",
+    "CHATBOT_SYSTEM_PROMPT": "You are a helpful assistant.",
+    "CHATBOT_LOCAL_MODEL_PATH": "",
+    "CHATBOT_FLUSH_INTERVAL": "",
+    "CHATBOT_CANCEL_ON_DISCONNECT": "",
+    "CHATBOT_HISTORY_TOKENS": "",
+    # Every benchmark client comes from 127.0.0.1: the per-IP limits would refuse all but 3 streams.
+    "CHATBOT_REQUESTS_PER_MINUTE": "0",
+    "CHATBOT_CONCURRENT_STREAMS": "0",
+    "CHATBOT_TOKENS_PER_DAY": "0",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def raise_fd_limit() -> int:
+    """Soft RLIMIT_NOFILE up to the hard limit, inherited by every child: 1000 streams need 2000+ sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Process:
+    """A child process and where its output went."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    url: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time so far (all threads), from /proc/PID/stat."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no VmRSS for {self.name}")
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            code = self.popen.returncode
+            raise RuntimeError(f"{self.name} exited with {code}; see {self.log}:\n{self.tail()}")
+
+    def tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+@contextlib.contextmanager
+def _spawn(name: str, argv: list[str], *, env: dict[str, str], log: Path) -> Iterator[Process]:
+    with open(log, "wb") as output:
+        popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        yield Process(name, popen, log)
+    finally:
+        _stop(popen)
+
+
+def _stop(popen: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after a few seconds: a benchmark never leaves a process behind."""
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait(timeout=5)
+
+
+def _wait_for(process: Process, ready, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        process.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{process.name} not up in {timeout:.0f}s, {process.log}:\n{process.tail()}")
+        time.sleep(0.05)
+
+
+def base_env() -> dict[str, str]:
+    """This process's environment minus Django's settings module (pytest sets one)."""
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@contextlib.contextmanager
+def upstream(workdir: Path, *, chunks: int = 64, interval: float = 0.02) -> Iterator[Process]:
+    """`bench.upstream` in its own process; `.url` is its OpenAI base URL (`.../v1`)."""
+    argv = [PYTHON, "-m", "bench.upstream", "--port=0", "--chunks", str(chunks), "--interval", str(interval)]
+    with _spawn("fake upstream", argv, env=base_env(), log=workdir / "upstream.log") as process:
+
+        def ready() -> bool:
+            for line in process.log.read_text(errors="replace").splitlines():
+                if line.startswith("fake-openai ready "):
+                    process.url = line.split()[-1]
+                    return True
+            return False
+
+        _wait_for(process, ready, timeout=20)
+        yield process
+
+
+@dataclass
+class Database:
+    """A migrated SQLite file, copied for every server so each starts from the same state."""
+
+    workdir: Path
+    template: Path = field(init=False)
+    copies: int = 0
+
+    def __post_init__(self) -> None:
+        self.template = self.workdir / "template.sqlite3"
+        env = {**base_env(), **SERVER_ENV, "DATABASE_URL": f"sqlite:///{self.template}"}
+        migrate = [PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"]
+        subprocess.run(migrate, cwd=ROOT, env=env, check=True, timeout=120)
+
+    def fresh(self) -> str:
+        self.copies += 1
+        path = self.workdir / f"db{self.copies}.sqlite3"
+        shutil.copyfile(self.template, path)
+        return f"sqlite:///{path}"
+
+
+@contextlib.contextmanager
+def server(
+    workdir: Path, database: Database, *, upstream_url: str = "", **overrides: str
+) -> Iterator[Process]:
+    """The product, `uvicorn chatbot.asgi:application`, one worker; `.url` is its origin."""
+    port = free_port()
+    env = {**base_env(), **SERVER_ENV, "OPENAI_BASE_URL": upstream_url, "DATABASE_URL": database.fresh()}
+    env.update(overrides)
+    argv = [
+        PYTHON,
+        "-m",
+        "uvicorn",
+        "chatbot.asgi:application",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--lifespan",
+        "on",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--backlog",
+        "4096",
+    ]
+    log = workdir / f"server-{port}.log"
+    with _spawn("server", argv, env=env, log=log) as process:
+        process.url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                return httpx.get(process.url + "/login/", timeout=2).status_code < 500
+            except httpx.TransportError:
+                return False
+
+        _wait_for(process, ready, timeout=60)
+        yield process
+
+
+def machine() -> dict[str, str]:
+    """CPU model, cores, RAM, load and the versions that shape the numbers."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    ram_kib = 0
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram_kib = int(line.split()[1])
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    versions = ", ".join(
+        f"{name} {version(package)}"
+        for name, package in (
+            ("django", "django"),
+            ("uvicorn", "uvicorn"),
+            ("uvloop", "uvloop"),
+            ("httptools", "httptools"),
+            ("openai", "openai"),
+            ("llama-cpp-python", "llama_cpp_python"),
+            ("httpx", "httpx"),
+            ("websockets", "websockets"),
+        )
+    )
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
+        "ram": f"{ram_kib / 1024 / 1024:.1f} GiB",
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
