@@ -246,7 +246,7 @@ CHATBOT = {
     "OPENAI_MAX_RETRIES": env_number("OPENAI_MAX_RETRIES", 1, int, minimum=0),
     # Where answers' events live: "memory" (one process) or "redis" (REDIS_URL, any number of workers).
     "EVENT_LOG": os.environ.get("CHATBOT_EVENT_LOG", "") or ("redis" if REDIS_URL else "memory"),
-    "EVENT_LOG_TTL": env_number("CHATBOT_EVENT_LOG_TTL", 3600.0, minimum=1),
+    "EVENT_LOG_TTL": env_number("CHATBOT_EVENT_LOG_TTL", 600.0, minimum=1),
     "ORPHAN_AFTER": env_number("CHATBOT_ORPHAN_AFTER", 30.0, minimum=1),
     "SHUTDOWN_GRACE": env_number("CHATBOT_SHUTDOWN_GRACE", 10.0, minimum=0),
 }

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 from .generation import get_manager, sweep_orphans
+from .providers import get_provider
 
 logger = logging.getLogger("chatbot.lifespan")
+
+
+def _freeze_startup_objects() -> None:
+    """Build the provider (importing its SDK), then move everything alive to the GC's permanent set.
+
+    The hundreds of thousands of objects that imports create never die; left tracked,
+    every full collection walks them all, a pause of ~100 ms for every stream
+    (docs/benchmarks.md).
+    """
+    get_provider()
+    gc.collect()
+    gc.freeze()
 
 
 class LifespanMiddleware:
@@ -24,6 +38,7 @@ class LifespanMiddleware:
                 try:
                     await sweep_orphans()
                     get_manager().ensure_housekeeping()
+                    _freeze_startup_objects()
                 except Exception as exc:  # a start-up failure must be visible, not a hang
                     logger.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
