@@ -545,7 +545,7 @@ async def run_all(plan: Plan, names: list[str], workdir: Path) -> tuple[list[Row
     return rows, failed
 
 
-def render(rows: list[Row], *, command: str, plan: Plan, started: str, load_before: str) -> str:
+def render(rows: list[Row], *, command: str, plan: Plan, started: str, load_before: str, code: str) -> str:
     info = servers.machine()
     mark = {True: "met", False: "**missed**", None: ""}
     lines = [
@@ -554,6 +554,7 @@ def render(rows: list[Row], *, command: str, plan: Plan, started: str, load_befo
         f"- Command: `{command}`",
         f"- Date: {started} UTC; {plan.runs} run(s); load average (1/5/15 min) before: {load_before}, "
         f"after: {servers.load_average()}",
+        f"- Code: {code}",
         f"- Machine: {info['cpu']}, {info['ram']} RAM, {info['os']}",
         f"- Versions: Python {info['python']}, {info['versions']}",
         "- One uvicorn worker; the fake upstream and this load generator are separate processes sharing "
@@ -588,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         python = os.path.relpath(python, servers.ROOT)
     command = " ".join([python, "-m", "bench.run", *argv])
     started, load_before = datetime.now(UTC).strftime("%Y-%m-%d %H:%M"), servers.load_average()
+    code = servers.code_version()  # at the start: the servers import the tree as it is then
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     failed = True
     try:
@@ -597,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             progress(f"logs kept in {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    table = render(rows, command=command, plan=plan, started=started, load_before=load_before)
+    table = render(rows, command=command, plan=plan, started=started, load_before=load_before, code=code)
     print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table)

@@ -260,5 +260,20 @@ def machine() -> dict[str, str]:
     }
 
 
+def code_version() -> str:
+    """The commit the servers ran, and whether tracked files differed from it (read-only git)."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    files = [line[3:] for line in changed if line.strip()]
+    return f"commit {commit}" + (f" with uncommitted changes to {', '.join(files)}" if files else "")
+
+
 def load_average() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
