@@ -41,9 +41,12 @@ def as_worker(manager: GenerationManager) -> None:
     manager.ensure_housekeeping()
 
 
-async def start_answer(client: AsyncClient, count: int) -> dict:
+async def start_answer(client: AsyncClient, count: int) -> list[dict]:
     response = await client.post(
-        "/api/chat/", {"message": "Hi"}, content_type="application/json", headers={"Accept": "text/event-stream"}
+        "/api/chat/",
+        {"message": "Hi"},
+        content_type="application/json",
+        headers={"Accept": "text/event-stream"},
     )
     stream = aiter(response.streaming_content)
     frames = []
@@ -62,7 +65,9 @@ async def test_another_worker_resumes_the_answer(two_workers, upstream):
     message_id = head[0]["data"]["message_id"]
 
     as_worker(worker_b)
-    response = await client.get(f"/api/messages/{message_id}/events", headers={"Last-Event-ID": head[-1]["id"]})
+    response = await client.get(
+        f"/api/messages/{message_id}/events", headers={"Last-Event-ID": head[-1]["id"]}
+    )
     rest = parse_sse(b"".join([chunk async for chunk in response.streaming_content]))
 
     frames = head + rest
