@@ -36,6 +36,7 @@ class RedisEventLog(EventLog):
     """`EventLog` on Redis Streams; see the module docstring for the layout."""
 
     prefix = "chatbot:events:"
+    block_slice = 4.0  # seconds; below redis-py's default socket timeout of 5 s
 
     def __init__(self, *, url: str, ttl: float, max_age: float):
         self.url = url
@@ -89,7 +90,11 @@ class RedisEventLog(EventLog):
             raise LogNotFound(message_id)
         last = _entry_id(after) if after > 0 else OPEN_MARKER
         entries = await client.xrange(key, min=f"({last}", max="+")
-        block_ms = int(keepalive * 1000) if keepalive else 0
+        # Block in slices shorter than the client's socket timeout (redis-py: 5 s), and send a
+        # keep-alive only once `keepalive` seconds have passed without an event.
+        wait = min(keepalive or self.block_slice, self.block_slice)
+        clock = asyncio.get_running_loop().time
+        quiet_since = clock()
         while True:
             for entry_id, fields in entries:
                 last = entry_id
@@ -100,12 +105,13 @@ class RedisEventLog(EventLog):
                 yield event
                 if event.is_terminal:
                     return
-            response = await client.xread({key: last}, block=block_ms, count=256)
-            if not response:
+            response = await client.xread({key: last}, block=int(wait * 1000), count=256)
+            entries = response[0][1] if response else []
+            if entries or not keepalive:
+                quiet_since = clock()
+            elif clock() - quiet_since >= keepalive:
+                quiet_since = clock()
                 yield KEEPALIVE
-                entries = []
-            else:
-                entries = response[0][1]
 
     async def exists(self, message_id: UUID) -> bool:
         return bool(await self._redis().exists(self._key(message_id)))

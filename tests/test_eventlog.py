@@ -51,9 +51,7 @@ async def test_sequence_numbers_replay_and_resume(log):
     assert [(e.seq, e.type) for e in everything] == [(1, "delta"), (2, "delta"), (3, "delta"), (4, "done")]
     assert [e.data.get("text") for e in everything[:3]] == ["a", "b", "c"]
     assert tail == everything[2:]
-    assert everything[0].json == (
-        f'{{"type":"delta","seq":1,"message_id":"{message_id}","text":"a"}}'
-    )
+    assert everything[0].json == (f'{{"type":"delta","seq":1,"message_id":"{message_id}","text":"a"}}')
 
 
 async def test_readers_follow_live_appends_and_get_keepalives(log):
@@ -95,3 +93,27 @@ async def test_many_readers_get_the_same_events(log):
     await log.append(message_id, "done", {"status": "complete", "finish_reason": "stop"})
     results = await asyncio.wait_for(asyncio.gather(*readers), 5)
     assert all([e.seq for e in r] == list(range(1, 22)) for r in results)
+
+
+@pytest.mark.redis
+async def test_redis_reader_waits_past_the_client_socket_timeout(monkeypatch):
+    """Blocking reads are sliced below redis-py's socket timeout; keep-alives still come on time."""
+    log = RedisEventLog(url=REDIS_URL, ttl=60, max_age=600)
+    try:
+        await log._redis().ping()
+    except OSError:
+        pytest.skip("Redis is not running on 127.0.0.1:6379")
+    monkeypatch.setattr(RedisEventLog, "block_slice", 0.05)  # stands in for 4 s against a 5 s timeout
+    message_id = uuid.uuid4()
+    await log.open(message_id)
+
+    async def write_late():
+        await asyncio.sleep(0.45)
+        await log.append(message_id, "done", {"status": "complete", "finish_reason": "stop"})
+
+    writer = asyncio.create_task(write_late())
+    items = [item async for item in log.read(message_id, keepalive=0.3)]
+    await writer
+    await log.aclose()
+    kinds = [getattr(item, "type", "keepalive") for item in items]
+    assert kinds[-1] == "done" and set(kinds[:-1]) == {"keepalive"}, kinds
