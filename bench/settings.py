@@ -5,7 +5,7 @@
 2. Plain static storage: the chat page (fetched only for its cookies) renders without
    `collectstatic`. The API and the streaming path do not touch static files.
 3. With `BENCH_SQL_LOG=<file>`, every INSERT/UPDATE/DELETE is appended to that file as
-   `<verb> <table> [partial|heartbeat]`, to count database writes per answer (`partial`
+   `<verb> <table> [partial|heartbeat]` (once per row of an `executemany`), to count database writes per answer (`partial`
    marks the batched flush of a streaming message's text, `heartbeat` the liveness update).
 """
 
@@ -41,8 +41,9 @@ def _install_write_log(path: str) -> None:
         match = _WRITE.match(sql)
         if match:
             verb, table = match.group(1).split()[0].upper(), match.group(2)
+            rows = len(params) if many else 1  # the batched flush is one executemany for every answer
             with lock, open(path, "a") as log:
-                log.write(f"{verb} {table}{_kind(verb, sql)}\n")
+                log.write(f"{verb} {table}{_kind(verb, sql)}\n" * rows)
         return execute(sql, params, many, context)
 
     def on_connection(sender, connection, **kwargs):

@@ -462,13 +462,32 @@ def _detached_task(coroutine, *, name: str) -> asyncio.Task:
 
 
 def _write_partials(batch: dict[UUID, str]) -> None:
-    now = timezone.now()
-    with transaction.atomic():
-        for message_id, text in batch.items():
-            # Only while live: a late flush must never overwrite a saved outcome.
-            Message.objects.filter(pk=message_id, status__in=Message.LIVE_STATUSES).update(
-                content=text, status=Status.STREAMING, heartbeat_at=now
-            )
+    """One statement executed for every streaming answer, in one transaction.
+
+    `executemany` of a statement built once: the ORM's `update()` per answer cost ~0.17 ms
+    of CPU each (42 ms for 250 answers, holding the GIL while every stream waits).
+    """
+    connection = connections[Message.objects.db]
+    now = Message._meta.get_field("heartbeat_at").get_db_prep_value(timezone.now(), connection)
+    to_db = Message._meta.pk.get_db_prep_value
+    rows = [
+        (text, Status.STREAMING, now, to_db(message_id, connection)) for message_id, text in batch.items()
+    ]
+    with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
+        cursor.executemany(_partials_sql(connection), rows)
+
+
+def _partials_sql(connection) -> str:
+    # Only while live: a late flush must never overwrite a saved outcome.
+    def column(name: str) -> str:
+        return connection.ops.quote_name(Message._meta.get_field(name).column)
+
+    live = ", ".join(f"'{status}'" for status in Message.LIVE_STATUSES)
+    return (
+        f"UPDATE {connection.ops.quote_name(Message._meta.db_table)} SET {column('content')} = %s, "
+        f"{column('status')} = %s, {column('heartbeat_at')} = %s "
+        f"WHERE {column('id')} = %s AND {column('status')} IN ({live})"
+    )
 
 
 def _save_outcome(message_id: UUID, fields: dict, record: UsageRecord) -> None:

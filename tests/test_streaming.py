@@ -13,7 +13,7 @@ import pytest
 from django.test import AsyncClient
 from django.utils import timezone
 
-from chatbot_api.generation import sweep_orphans
+from chatbot_api.generation import _write_partials, sweep_orphans
 from chatbot_api.models import Conversation, Message
 from tests.conftest import parse_sse
 from tests.support.clients import wait_for_status
@@ -275,6 +275,27 @@ async def test_partial_text_is_flushed_in_batches_not_per_token(upstream, manage
     assert partial.status == "streaming" and 1 <= len(partial.content) < 10, (
         "partial text reaches the database"
     )
+
+
+def test_batched_flush_writes_live_answers_and_never_a_finished_one():
+    conversation = Conversation.objects.create(session_key="s" * 32)
+    live = [
+        Message.objects.create(conversation=conversation, role="assistant", status=s)
+        for s in ("pending", "streaming")
+    ]
+    done = Message.objects.create(
+        conversation=conversation, role="assistant", status="complete", content="final"
+    )
+    before = timezone.now()
+
+    _write_partials({live[0].id: "it's ", live[1].id: "half \u00e8 %s", done.id: "late"})
+
+    for message in live:
+        message.refresh_from_db()
+        assert message.status == "streaming" and message.heartbeat_at >= before
+    assert [m.content for m in live] == ["it's ", "half \u00e8 %s"], "quotes and placeholders are data"
+    done.refresh_from_db()
+    assert (done.status, done.content) == ("complete", "final"), "a late flush never overwrites an outcome"
 
 
 async def test_orphan_sweep_marks_interrupted_and_keeps_text(manager):
