@@ -165,6 +165,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = int(env_number("CHATBOT_MAX_BODY_BYTES", 64 * 1024
 SESSION_COOKIE_SECURE = env_bool("DJANGO_SECURE_COOKIES", False)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SESSION_COOKIE_AGE = 60 * 60 * 24 * 30
+# Database sessions, written once when a request creates one (see chatbot_api/sessions.py).
+SESSION_ENGINE = "chatbot_api.sessions"
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat"

@@ -225,3 +225,40 @@ async def test_one_log_line_per_answer_without_content_or_secrets(upstream, mana
         "duration_ms=",
     ):
         assert field in lines[0]
+
+
+def test_a_new_session_is_written_once_and_later_changes_still_are():
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from chatbot_api.sessions import SessionStore
+
+    def writes(queries):
+        return [q["sql"].split()[0] for q in queries if q["sql"].startswith(("INSERT", "UPDATE"))]
+
+    with CaptureQueriesContext(connection) as queries:
+        session = SessionStore()
+        session.create()  # what owner_for() does for a new visitor
+        session.save()  # what SessionMiddleware does next, because create() marked it modified
+    assert writes(queries) == ["INSERT"]
+
+    with CaptureQueriesContext(connection) as queries:
+        session["theme"] = "dark"
+        session.save()
+    assert writes(queries) == ["UPDATE"]
+    assert SessionStore(session.session_key).load() == {"theme": "dark"}
+
+
+async def test_a_cookieless_request_gets_a_working_session_cookie(upstream, manager):
+    from chatbot_api.sessions import SessionStore
+
+    client = AsyncClient()
+    first = await chat(client)
+    key = first.cookies["sessionid"].value
+    assert first.status_code == 200 and await SessionStore().aexists(key)
+    again = await client.post(
+        "/api/chat/",
+        {"message": "More", "session_id": first.json()["session_id"]},
+        content_type="application/json",
+    )
+    assert again.status_code == 200 and again.json()["session_id"] == first.json()["session_id"]
