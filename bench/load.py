@@ -159,14 +159,21 @@ async def _timed(stream: Stream, run: Awaitable[None]) -> Stream:
     return stream
 
 
-async def sse(client: httpx.AsyncClient, origin: str, text: str, stream: Stream | None = None) -> Stream:
-    """POST /api/chat/ read as Server-Sent Events; pass `stream` to watch it fill in meanwhile."""
-    stream = stream or Stream("sse")
+async def sse(
+    client: httpx.AsyncClient, origin: str, text: str, stream: Stream | None = None, *, token: str = ""
+) -> Stream:
+    """POST /api/chat/ read as Server-Sent Events; pass `stream` to watch it fill in meanwhile.
+
+    Without `token` the request is anonymous and cookie-less (a new session each time);
+    with it, it is a program's call with an API token (no session at all).
+    """
+    stream = stream or Stream("sse-token" if token else "sse")
+    headers = {"Accept": SSE, **({"Authorization": f"Token {token}"} if token else {})}
 
     async def run() -> None:
         stream.start = time.perf_counter()
         async with client.stream(
-            "POST", origin + "/api/chat/", json={"message": text}, headers={"Accept": SSE}
+            "POST", origin + "/api/chat/", json={"message": text}, headers=headers
         ) as response:
             await _read_http(stream, response, b"\n\n", _parse_sse)
 

@@ -158,6 +158,9 @@ def upstream(workdir: Path, *, chunks: int = 64, interval: float = 0.02) -> Iter
         yield process
 
 
+API_TOKEN = "bench-api-token-0123456789abcdef01234567"  # Token.key holds 40 characters
+
+
 @dataclass
 class Database:
     """A migrated SQLite file, copied for every server so each starts from the same state."""
@@ -171,6 +174,14 @@ class Database:
         env = {**base_env(), **SERVER_ENV, "DATABASE_URL": f"sqlite:///{self.template}"}
         migrate = [PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"]
         subprocess.run(migrate, cwd=ROOT, env=env, check=True, timeout=120)
+        # A user with an API token: the way a program is meant to call the API.
+        api_user = (
+            "from django.contrib.auth.models import User; from rest_framework.authtoken.models import Token; "
+            f"Token.objects.create(key={API_TOKEN!r}, user=User.objects.create_user('bench'))"
+        )
+        subprocess.run(
+            [PYTHON, "manage.py", "shell", "-c", api_user], cwd=ROOT, env=env, check=True, timeout=120
+        )
 
     def fresh(self) -> str:
         self.copies += 1

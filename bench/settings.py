@@ -5,8 +5,9 @@
 2. Plain static storage: the chat page (fetched only for its cookies) renders without
    `collectstatic`. The API and the streaming path do not touch static files.
 3. With `BENCH_SQL_LOG=<file>`, every INSERT/UPDATE/DELETE is appended to that file as
-   `<verb> <table> [partial|heartbeat]` (once per row of an `executemany`), to count database writes per answer (`partial`
-   marks the batched flush of a streaming message's text, `heartbeat` the liveness update).
+   `<verb> <table> [partial|heartbeat]` (once per row of an `executemany`), to count
+   database writes per answer (`partial` marks the batched flush of a streaming message's
+   text, `heartbeat` the liveness update).
 """
 
 import os
