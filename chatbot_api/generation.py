@@ -20,6 +20,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,7 +36,7 @@ from .errors import ChatbotError, GenerationTimeout, ProviderError
 from .eventlog import EventLog, InMemoryEventLog
 from .limits import rate_limiter
 from .models import Message, UsageRecord
-from .providers import Provider, Usage
+from .providers import Chunk, Provider, Usage
 
 logger = logging.getLogger("chatbot.generation")
 
@@ -73,9 +74,17 @@ class Limits:
 class Generation:
     """One answer being written. `run()` is the whole life of the task."""
 
-    def __init__(self, request: GenerationRequest, *, provider: Provider, manager: GenerationManager):
+    def __init__(
+        self,
+        request: GenerationRequest,
+        *,
+        provider: Provider,
+        stream: AsyncIterator[Chunk],
+        manager: GenerationManager,
+    ):
         self.request = request
         self.provider = provider
+        self.stream = stream
         self.manager = manager
         self.log = manager.log
         self.limits = Limits.from_settings()
@@ -109,9 +118,7 @@ class Generation:
                 "provider": self.provider.name,
             },
         )
-        stream = self.provider.stream(
-            self.request.prompt, max_tokens=self.request.max_tokens, temperature=self.request.temperature
-        )
+        stream = self.stream
         limits = self.limits
         total_deadline = started + limits.total
         limit = "first_token"
@@ -266,6 +273,47 @@ def terminal_event(outcome: dict) -> tuple[str, dict]:
     }
 
 
+class EarlyStream:
+    """A provider stream whose request is sent now, before its generation exists.
+
+    The first chunk is awaited in a task of its own (detached from the request, like the
+    generation), so the model's time to first token runs while the request saves the turn;
+    the generation then reads the stream as usual, the first chunk first. Whoever ends up
+    owning it must `aclose()` it, which also cancels a first chunk still on its way.
+    """
+
+    def __init__(self, stream: AsyncIterator[Chunk]):
+        self._stream = stream
+        self._first: asyncio.Task | None = _detached_task(_first_chunk(stream), name="upstream-first-chunk")
+
+    def __aiter__(self) -> EarlyStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._first is None:
+            return await anext(self._stream)
+        first, self._first = self._first, None
+        chunk = await first  # cancelling the reader (stop, timeout) cancels this task too
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    async def aclose(self) -> None:
+        first, self._first = self._first, None
+        if first is not None:
+            first.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # nobody will read it now
+                await first
+        await self._stream.aclose()
+
+
+async def _first_chunk(stream: AsyncIterator[Chunk]) -> Chunk | None:
+    try:
+        return await anext(stream)
+    except StopAsyncIteration:  # an empty stream: a coroutine must not raise this
+        return None
+
+
 class DatabaseThread:
     """One thread, with its own connection, for every write the generations make.
 
@@ -323,10 +371,15 @@ class GenerationManager:
         # Counts batch writes, for the "writes per answer" benchmark and tests.
         self.flush_count = 0
 
-    def start(self, request: GenerationRequest, *, provider: Provider) -> Generation:
-        """Start a generation as a task of this process; the message and its log must exist."""
+    def start(
+        self, request: GenerationRequest, *, provider: Provider, stream: AsyncIterator[Chunk]
+    ) -> Generation:
+        """Start a generation reading `stream` (from `provider`) as a task of this process.
+
+        The message and its log must exist; the generation owns the stream from now on.
+        """
         self.ensure_housekeeping()
-        generation = Generation(request, provider=provider, manager=self)
+        generation = Generation(request, provider=provider, stream=stream, manager=self)
         generation.task = _detached_task(generation.run(), name=f"generation-{request.message_id}")
         self._running[request.message_id] = generation
         metrics.STREAMING_NOW.inc()

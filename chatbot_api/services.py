@@ -22,7 +22,7 @@ from . import metrics
 from .conf import chatbot_setting
 from .errors import ChatbotError
 from .eventlog import KEEPALIVE, LogNotFound
-from .generation import GenerationRequest, get_manager, terminal_event
+from .generation import EarlyStream, GenerationRequest, get_manager, terminal_event
 from .limits import RateLimited, rate_limiter
 from .models import Conversation, Message
 from .providers import Provider, get_provider
@@ -102,34 +102,56 @@ async def answer_regenerate(*, owner: Owner, message_id, transport: str = "json"
 async def _start_answer(
     *, owner: Owner, provider: Provider, prompt: list[dict], transport: str, create
 ) -> Turn:
-    """Count the answer against the limits, save it with `create()`, start its generation."""
-    conversation, user_message, assistant_message = await _limited(owner, create)
+    """Count the answer against the limits, save it with `create()`, start its generation.
+
+    The model's request goes out as soon as the limits allow it, before the turn is
+    saved, so the model's time to first token and the database's writes overlap. Should
+    the save fail, the request is cancelled and nothing is left running.
+    """
+    await _acquire_slot(owner)
+    max_tokens, temperature = chatbot_setting("MAX_TOKENS"), chatbot_setting("TEMPERATURE")
+    stream = EarlyStream(provider.stream(prompt, max_tokens=max_tokens, temperature=temperature))
+    try:
+        conversation, user_message, assistant_message = await _create_or_release(owner, create)
+        manager = get_manager()
+        await manager.log.open(assistant_message.id)
+    except BaseException:
+        await asyncio.shield(stream.aclose())
+        raise
     metrics.CHAT_REQUESTS.labels(transport).inc()
-    manager = get_manager()
-    await manager.log.open(assistant_message.id)
     manager.start(
         GenerationRequest(
             message_id=assistant_message.id,
             conversation_id=conversation.id,
             prompt=prompt,
-            max_tokens=chatbot_setting("MAX_TOKENS"),
-            temperature=chatbot_setting("TEMPERATURE"),
+            max_tokens=max_tokens,
+            temperature=temperature,
             client_key=owner.rate_key,
             user_id=owner.user_id,
             session_key=owner.session_key or "",
         ),
         provider=provider,
+        stream=stream,
     )
     return Turn(conversation, user_message, assistant_message)
 
 
 @sync_to_async
-def _limited(owner: Owner, create):
-    """Take a rate-limit slot and run `create` in one thread hop; give the slot back if it fails."""
+def _acquire_slot(owner: Owner) -> None:
     try:
         rate_limiter.acquire(owner.rate_key, owner.user_id)
     except RateLimited as error:
         metrics.RATE_LIMITED.labels(error.limit).inc()
+        raise
+
+
+@sync_to_async
+def _create_or_release(owner: Owner, create):
+    """Run `create`; give the rate-limit slot back if it fails."""
+    try:
+        return create()
+    except BaseException:
+        rate_limiter.release(owner.rate_key)
         raise
     try:
         return create()

@@ -300,3 +300,51 @@ async def test_regenerate_refuses_what_it_cannot_do(upstream, manager):
     assert stranger.status_code == 404
     assert (running.status_code, running.json()["code"]) == (409, "conflict")
     await client.post(f"/api/messages/{live_id}/stop")
+
+
+async def test_the_model_request_goes_out_while_the_turn_is_saved(upstream, manager, monkeypatch):
+    from chatbot_api import services
+
+    save_turn = services._create_turn
+    seen = []
+
+    def create_turn(**kwargs):  # runs on the request's thread; the event loop is free meanwhile
+        seen.append(upstream.wait_for_request(timeout=5))
+        return save_turn(**kwargs)
+
+    monkeypatch.setattr(services, "_create_turn", create_turn)
+    upstream.enqueue(Script(chunks=["Hel", "lo"]))
+
+    response = await post_chat(AsyncClient(), {"message": "Hi"})
+
+    assert len(seen) == 1, "the upstream had the request before the turn was saved"
+    body = response.json()
+    assert response.status_code == 200 and body["response"] == "Hello" and body["status"] == "complete"
+    assert (await Message.objects.aget(pk=body["message_id"])).content == "Hello"
+
+
+async def test_a_turn_that_cannot_be_saved_cancels_the_model_request(
+    upstream, manager, monkeypatch, chatbot_settings
+):
+    from django.db import DatabaseError
+
+    from chatbot_api import services
+
+    chatbot_settings(CONCURRENT_STREAMS=1)
+    save_turn = services._create_turn
+
+    def broken(**kwargs):
+        upstream.wait_for_request(timeout=5)
+        raise DatabaseError("disk I/O error")
+
+    monkeypatch.setattr(services, "_create_turn", broken)
+    upstream.enqueue(Script(chunks=["never"], hang_after=0))
+
+    response = await post_chat(AsyncClient(raise_request_exception=False), {"message": "Hi"})
+
+    assert response.status_code == 500 and response.json()["success"] is False
+    assert (await upstream.wait_for_disconnect_async(0)).disconnected, "the model request was cancelled"
+    assert await Message.objects.acount() == 0 and manager.running_count == 0
+    monkeypatch.setattr(services, "_create_turn", save_turn)
+    upstream.enqueue(Script(chunks=["ok"]))
+    assert (await post_chat(AsyncClient(), {"message": "Hi"})).status_code == 200, "the slot was given back"
