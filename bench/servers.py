@@ -105,9 +105,11 @@ class Process:
 
 
 @contextlib.contextmanager
-def _spawn(name: str, argv: list[str], *, env: dict[str, str], log: Path) -> Iterator[Process]:
+def _spawn(
+    name: str, argv: list[str], *, env: dict[str, str], log: Path, root: Path = ROOT
+) -> Iterator[Process]:
     with open(log, "wb") as output:
-        popen = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+        popen = subprocess.Popen(argv, cwd=root, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
         yield Process(name, popen, log)
     finally:
@@ -134,10 +136,10 @@ def _wait_for(process: Process, ready, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def base_env() -> dict[str, str]:
+def base_env(root: Path = ROOT) -> dict[str, str]:
     """This process's environment minus Django's settings module (pytest sets one)."""
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = str(root)
     return env
 
 
@@ -192,11 +194,14 @@ class Database:
 
 @contextlib.contextmanager
 def server(
-    workdir: Path, database: Database, *, upstream_url: str = "", **overrides: str
+    workdir: Path, database: Database, *, upstream_url: str = "", root: Path = ROOT, **overrides: str
 ) -> Iterator[Process]:
-    """The product, `uvicorn chatbot.asgi:application`, one worker; `.url` is its origin."""
+    """The product, `uvicorn chatbot.asgi:application`, one worker; `.url` is its origin.
+
+    `root` is the source tree it runs (`bench.ab` runs two trees side by side).
+    """
     port = free_port()
-    env = {**base_env(), **SERVER_ENV, "OPENAI_BASE_URL": upstream_url, "DATABASE_URL": database.fresh()}
+    env = {**base_env(root), **SERVER_ENV, "OPENAI_BASE_URL": upstream_url, "DATABASE_URL": database.fresh()}
     env.update(overrides)
     argv = [
         PYTHON,
@@ -216,7 +221,7 @@ def server(
         "4096",
     ]
     log = workdir / f"server-{port}.log"
-    with _spawn("server", argv, env=env, log=log) as process:
+    with _spawn("server", argv, env=env, log=log, root=root) as process:
         process.url = f"http://127.0.0.1:{port}"
 
         def ready() -> bool:
