@@ -179,7 +179,8 @@ class Database:
         # A user with an API token: the way a program is meant to call the API.
         api_user = (
             "from django.contrib.auth.models import User; from rest_framework.authtoken.models import Token; "
-            f"Token.objects.create(key={API_TOKEN!r}, user=User.objects.create_user('bench'))"
+            f"Token.objects.get_or_create(key={API_TOKEN!r}, "
+            "user=User.objects.get_or_create(username='bench')[0])"
         )
         subprocess.run(
             [PYTHON, "manage.py", "shell", "-c", api_user], cwd=ROOT, env=env, check=True, timeout=120
