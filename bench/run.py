@@ -7,8 +7,10 @@ Scenarios (docs/benchmarks.md explains each number and its target):
     db       database writes per answer vs answer length, token count and flush interval
     local    tokens/s of the local model through the server vs llama.cpp in one process
     stop     from the stop request to the upstream connection closing
+    workers  opt-in (needs Redis and PostgreSQL): 250 and 500 streams on 1 and 2 workers
+             sharing the Redis event log and PostgreSQL (BENCH_REDIS_URL, BENCH_POSTGRES_URL)
 
-The server (`uvicorn chatbot.asgi:application`, one worker) and the fake upstream run as
+The server (`uvicorn chatbot.asgi:application`, one worker unless stated) and the fake upstream run as
 separate processes on 127.0.0.1; this process is the load generator. Everything is killed
 on exit, and every loop is bounded in count and time.
 """
@@ -40,7 +42,8 @@ from bench import load, servers
 from bench.load import Stream, Summary, WebSocketChat, http_client, message
 from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, Script
 
-SCENARIOS = ("latency", "scale", "db", "local", "stop")
+SCENARIOS = ("latency", "scale", "db", "local", "stop", "workers")
+OPT_IN = ("workers",)  # needs Redis and PostgreSQL: only with --scenario
 RESULTS = servers.ROOT / "bench" / "results" / "latest.md"
 LOCAL_PROMPT = "Write a short story about a robot who learns to paint."
 WARM_UP = message(chunks=4, interval=0)
@@ -58,6 +61,7 @@ class Plan:
     latency_chunks: int
     latency_interval: float
     steps: tuple[int, ...]  # scale: concurrent streams
+    worker_steps: tuple[int, ...]  # workers: concurrent streams
     step_interval: float
     ramp: float  # scale: seconds over which a step's streams open
     hold: float  # scale: seconds all the streams of a step are open together
@@ -72,7 +76,7 @@ class Plan:
     def full(cls, runs: int) -> Plan:
         return cls(
             runs=runs, rounds=10, latency_chunks=64, latency_interval=0.02,
-            steps=(50, 100, 250, 500, 1000), step_interval=0.05, ramp=20.0, hold=5.0,
+            steps=(50, 100, 250, 500, 1000), worker_steps=(250, 500), step_interval=0.05, ramp=20.0, hold=5.0,
             db_configs=((64, 0.0, 0.25), (64, 0.02, 0.25), (256, 0.005, 0.25), (64, 0.02, 0.1)),
             db_answers=runs, stops=4 * runs, stop_interval=0.1, local_tokens=128, local_pairs=2 * runs,
         )  # fmt: skip
@@ -81,7 +85,7 @@ class Plan:
     def quick(cls, runs: int) -> Plan:
         return cls(
             runs=runs, rounds=2, latency_chunks=16, latency_interval=0.005,
-            steps=(2, 5), step_interval=0.05, ramp=0.2, hold=0.3,
+            steps=(2, 5), worker_steps=(2,), step_interval=0.05, ramp=0.2, hold=0.3,
             db_configs=((16, 0.0, 0.25), (16, 0.02, 0.25), (64, 0.005, 0.25)),
             db_answers=1, stops=1, stop_interval=0.05, local_tokens=16, local_pairs=1,
         )  # fmt: skip
@@ -103,9 +107,17 @@ class Bench:
     database: servers.Database
     upstream: servers.Process
 
-    def server(self, **overrides: str) -> contextlib.AbstractContextManager[servers.Process]:
+    def server(
+        self, *, database: servers.PostgresDatabase | None = None, workers: int = 1, **overrides: str
+    ) -> contextlib.AbstractContextManager[servers.Process]:
         """A fresh product server (its own copy of the database) on the shared upstream."""
-        return servers.server(self.workdir, self.database, upstream_url=self.upstream.url, **overrides)
+        return servers.server(
+            self.workdir,
+            database or self.database,
+            upstream_url=self.upstream.url,
+            workers=workers,
+            **overrides,
+        )
 
 
 def ms(seconds: float) -> str:
@@ -278,30 +290,78 @@ async def scale(bench: Bench) -> list[Row]:
     rows: list[Row] = []
     for count in plan.steps:
         progress(f"scale: {count} streams")
-        chunks = math.ceil((plan.ramp + plan.hold) / plan.step_interval)
-        text = message(chunks=chunks, interval=plan.step_interval)
-        async with http_client() as client:
-            direct = functools.partial(load.direct, client, bench.upstream.url, text)
-            control = await load.ramped(direct, count, plan.ramp)
+        text, chunks, control = await _control(bench, count)
         with bench.server() as server:
-            async with http_client() as client:
-                for _ in range(3):
-                    await load.sse(client, server.url, WARM_UP)
-                await asyncio.sleep(0.5)
-                idle_rss, peak = server.rss_kib(), [0]
-                before = (server.cpu_seconds(), bench.upstream.cpu_seconds(), own_cpu(), time.perf_counter())
-                sampler = asyncio.create_task(_sample_rss(server, peak))
-                try:
-                    relay = functools.partial(load.sse, client, server.url, text)
-                    relayed = await load.ramped(relay, count, plan.ramp)
-                finally:
-                    sampler.cancel()
-                server.check_alive()
-                used = (server.cpu_seconds(), bench.upstream.cpu_seconds(), own_cpu())
-                cpu = (used[0] - before[0], used[1] - before[1], used[2] - before[2])
-                wall = time.perf_counter() - before[3]
-        step = Step(count, chunks, relayed, control, cpu, wall, idle_rss, peak[0])
+            step = await _step(bench, server, count, text, chunks, control)
         rows.append(_scale_row(step, plan))
+    return rows
+
+
+async def _control(bench: Bench, count: int) -> tuple[str, int, list[Stream]]:
+    """A step's load sent straight to the upstream: what the machine alone does to its timing."""
+    plan = bench.plan
+    chunks = math.ceil((plan.ramp + plan.hold) / plan.step_interval)
+    text = message(chunks=chunks, interval=plan.step_interval)
+    async with http_client() as client:
+        direct = functools.partial(load.direct, client, bench.upstream.url, text)
+        control = await load.ramped(direct, count, plan.ramp)
+    return text, chunks, control
+
+
+async def _step(
+    bench: Bench, server: servers.Process, count: int, text: str, chunks: int, control: list[Stream]
+) -> Step:
+    async with http_client() as client:
+        for _ in range(6):  # with several workers, the kernel spreads these over them
+            await load.sse(client, server.url, WARM_UP)
+        await asyncio.sleep(0.5)
+        idle_rss, peak = server.rss_kib(), [0]
+        before = (server.cpu_seconds(), bench.upstream.cpu_seconds(), own_cpu(), time.perf_counter())
+        sampler = asyncio.create_task(_sample_rss(server, peak))
+        try:
+            relay = functools.partial(load.sse, client, server.url, text)
+            relayed = await load.ramped(relay, count, bench.plan.ramp)
+        finally:
+            sampler.cancel()
+        server.check_alive()
+        used = (server.cpu_seconds(), bench.upstream.cpu_seconds(), own_cpu())
+        cpu = (used[0] - before[0], used[1] - before[1], used[2] - before[2])
+        wall = time.perf_counter() - before[3]
+    return Step(count, chunks, relayed, control, cpu, wall, idle_rss, peak[0])
+
+
+# --- 3b: scale-out (opt-in: needs Redis and PostgreSQL) -------------------------------------------
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
+POSTGRES_URL = os.environ.get("BENCH_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432/chatbot_bench")
+
+
+async def workers(bench: Bench) -> list[Row]:
+    """The same steps on 1 and 2 uvicorn workers sharing the Redis event log and PostgreSQL."""
+    plan = bench.plan
+    scenario = "3b. Scale-out"
+    try:
+        import redis
+
+        store = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+        store.ping()
+        database = servers.PostgresDatabase(POSTGRES_URL)
+    except Exception as error:  # a missing service is a result, not a crash
+        return [
+            Row(scenario, "not run", f"needs Redis ({REDIS_URL}) and PostgreSQL ({POSTGRES_URL}): {error}")
+        ]
+    env = {"REDIS_URL": REDIS_URL, "CHATBOT_EVENT_LOG": "redis"}
+    rows: list[Row] = []
+    for count in plan.worker_steps:
+        text, chunks, control = await _control(bench, count)
+        for worker_count in (1, 2):
+            progress(f"workers: {count} streams on {worker_count} worker(s)")
+            store.flushdb()
+            with bench.server(database=database, workers=worker_count, **env) as server:
+                step = await _step(bench, server, count, text, chunks, control)
+            row = _scale_row(step, plan)
+            setup = f"{worker_count} worker{'s' if worker_count > 1 else ''}, Redis event log + PostgreSQL"
+            rows.append(Row(f"{scenario}: {count} × 20 tok/s", setup, row.result))
     return rows
 
 
@@ -525,6 +585,7 @@ async def stop(bench: Bench) -> list[Row]:
 
 RUNNERS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "latency": latency, "scale": scale, "db": db_writes, "local": local_model, "stop": stop,
+    "workers": workers,
 }  # fmt: skip
 
 
@@ -582,7 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the servers' logs and databases")
     args = parser.parse_args(argv)
     plan = Plan.quick(args.runs or 1) if args.quick else Plan.full(args.runs or 3)
-    names = args.scenario or [name for name in SCENARIOS if not (args.quick and name == "local")]
+    names = args.scenario or [
+        name for name in SCENARIOS if name not in OPT_IN and not (args.quick and name == "local")
+    ]
 
     servers.raise_fd_limit()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: kill the children

@@ -82,16 +82,37 @@ class Process:
     def pid(self) -> int:
         return self.popen.pid
 
+    def pids(self) -> list[int]:
+        """This process and its descendants (uvicorn's workers with `--workers`)."""
+        found, queue = [], [self.pid]
+        while queue:
+            pid = queue.pop()
+            found.append(pid)
+            with contextlib.suppress(OSError):
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    queue += [int(child) for child in (task / "children").read_text().split()]
+        return found
+
     def cpu_seconds(self) -> float:
-        """User + system CPU time so far (all threads), from /proc/PID/stat."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        """User + system CPU time so far (all threads, all descendants alive), from /proc/PID/stat."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / CLOCK_TICKS
 
     def rss_kib(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError(f"no VmRSS for {self.name}")
+        """Resident memory of this process and its descendants."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        if not total:
+            raise RuntimeError(f"no VmRSS for {self.name}")
+        return total
 
     def check_alive(self) -> None:
         if self.popen.poll() is not None:
@@ -193,11 +214,41 @@ class Database:
         return f"sqlite:///{path}"
 
 
+@dataclass
+class PostgresDatabase:
+    """A PostgreSQL database for scale-out runs, created and migrated once, shared by servers."""
+
+    url: str
+
+    def __post_init__(self) -> None:
+        import psycopg
+
+        base, _, name = self.url.rpartition("/")
+        with psycopg.connect(
+            base.replace("postgres://", "postgresql://") + "/postgres", autocommit=True
+        ) as admin:
+            if not admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+                admin.execute(f'CREATE DATABASE "{name}"')
+        env = {**base_env(), **SERVER_ENV, "DATABASE_URL": self.url}
+        subprocess.run(
+            [PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True
+        )
+
+    def fresh(self) -> str:
+        return self.url
+
+
 @contextlib.contextmanager
 def server(
-    workdir: Path, database: Database, *, upstream_url: str = "", root: Path = ROOT, **overrides: str
+    workdir: Path,
+    database: Database | PostgresDatabase,
+    *,
+    upstream_url: str = "",
+    root: Path = ROOT,
+    workers: int = 1,
+    **overrides: str,
 ) -> Iterator[Process]:
-    """The product, `uvicorn chatbot.asgi:application`, one worker; `.url` is its origin.
+    """The product, `uvicorn chatbot.asgi:application`; `.url` is its origin.
 
     `root` is the source tree it runs (`bench.ab` runs two trees side by side).
     """
@@ -220,6 +271,7 @@ def server(
         "warning",
         "--backlog",
         "4096",
+        *(["--workers", str(workers)] if workers > 1 else []),
     ]
     log = workdir / f"server-{port}.log"
     with _spawn("server", argv, env=env, log=log, root=root) as process:

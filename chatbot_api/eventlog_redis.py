@@ -7,6 +7,13 @@ generation's process appends to a log, so it numbers the events itself. A log
 expires `ttl` seconds after its terminal event (or after `max_age` if its worker
 died without one).
 
+The process running a generation also keeps its events in memory while it runs (and
+`local_ttl` seconds after), and its own readers (nearly all readers: the request that
+starts an answer streams it) follow that copy. Only readers in other processes, or
+after the copy expired, read Redis, each holding a pooled connection while it blocks in
+`XREAD`. Following every stream through Redis cost one connection per open stream, and
+redis-py's pool stops at 100.
+
 Stop requests cross processes on the pub/sub channel `chatbot:stop`: the process
 running the generation stops it.
 """
@@ -17,11 +24,12 @@ import asyncio
 import json
 import weakref
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from uuid import UUID
 
 import redis.asyncio as aioredis
 
-from .eventlog import KEEPALIVE, EventLog, LogNotFound
+from .eventlog import KEEPALIVE, EventLog, InMemoryEventLog, LogNotFound
 from .events import Event
 
 OPEN_MARKER = "0-1"
@@ -37,12 +45,14 @@ class RedisEventLog(EventLog):
 
     prefix = "chatbot:events:"
     block_slice = 4.0  # seconds; below redis-py's default socket timeout of 5 s
+    local_ttl = 30.0  # seconds this process's readers keep a finished answer's events in memory
 
     def __init__(self, *, url: str, ttl: float, max_age: float):
         self.url = url
         self.ttl = max(int(ttl), 1)
         self.max_age = max(int(max_age), self.ttl)
-        self._next_seq: dict[UUID, int] = {}
+        # The events of this process's generations, numbered here (only this process appends).
+        self._local = InMemoryEventLog(ttl=min(self.local_ttl, self.ttl))
         # redis.asyncio clients belong to the event loop that made them.
         self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -57,33 +67,33 @@ class RedisEventLog(EventLog):
         return f"{self.prefix}{message_id}"
 
     async def open(self, message_id: UUID) -> None:
-        self._next_seq[message_id] = 1
         key = self._key(message_id)
         async with self._redis().pipeline(transaction=True) as pipe:
             pipe.xadd(key, {"open": 1}, id=OPEN_MARKER)
             pipe.expire(key, self.max_age)
             await pipe.execute()
+        await self._local.open(message_id)
 
     async def append(self, message_id: UUID, type: str, data: dict) -> Event:
-        seq = self._next_seq.get(message_id)
-        if seq is None:
-            raise LogNotFound(message_id)
-        event = Event.create(seq, type, data, message_id)
+        event = await self._local.append(message_id, type, data)  # LogNotFound unless opened here
         key = self._key(message_id)
         if event.is_terminal:
-            del self._next_seq[message_id]
             async with self._redis().pipeline(transaction=True) as pipe:
-                pipe.xadd(key, {"e": event.json}, id=_entry_id(seq))
+                pipe.xadd(key, {"e": event.json}, id=_entry_id(event.seq))
                 pipe.expire(key, self.ttl)
                 await pipe.execute()
         else:
-            self._next_seq[message_id] = seq + 1
-            await self._redis().xadd(key, {"e": event.json}, id=_entry_id(seq))
+            await self._redis().xadd(key, {"e": event.json}, id=_entry_id(event.seq))
         return event
 
     async def read(
         self, message_id: UUID, *, after: int = 0, keepalive: float | None = None
     ) -> AsyncIterator:
+        if await self._local.exists(message_id):
+            async with aclosing(self._local.read(message_id, after=after, keepalive=keepalive)) as events:
+                async for event in events:
+                    yield event
+            return
         client = self._redis()
         key = self._key(message_id)
         if not await client.exists(key):

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = (
     "1. TTFT, 1 stream",
@@ -24,11 +26,10 @@ SCENARIOS = (
 )
 
 
-def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
-    output = tmp_path / "latest.md"
+def run_quick(output: Path, *args: str) -> str:
     env = {key: value for key, value in os.environ.items() if key != "DJANGO_SETTINGS_MODULE"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.run", "--quick", "--output", str(output)],
+        [sys.executable, "-m", "bench.run", "--quick", "--output", str(output), *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -46,6 +47,20 @@ def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
     assert process.returncode == 0, log
     table = output.read_text()
     assert "scenario failed" not in table, table
+    return table
+
+
+def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
+    table = run_quick(tmp_path / "latest.md")
     for scenario in SCENARIOS:
         assert f"| {scenario}" in table, f"no {scenario!r} row:\n{table}"
     assert "Command: `" in table and "Machine: " in table and "Versions: Python" in table
+
+
+def test_quick_scale_out_benchmark_runs_where_redis_and_postgres_are(tmp_path: Path) -> None:
+    table = run_quick(tmp_path / "workers.md", "--scenario", "workers")
+    if "| 3b. Scale-out | not run |" in table:
+        pytest.skip("Redis or PostgreSQL is not running: " + table.rsplit("| not run |", 1)[1][:200])
+    assert "| 3b. Scale-out: 2 × 20 tok/s | 1 worker, " in table, table
+    assert "| 3b. Scale-out: 2 × 20 tok/s | 2 workers, " in table, table
+    assert table.count("errors 0; lost frames 0") == 2, table

@@ -13,18 +13,40 @@ from chatbot_api.eventlog_redis import RedisEventLog
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-async def log(request):
-    if request.param == "memory":
-        yield InMemoryEventLog(ttl=60)
-        return
-    log = RedisEventLog(url=REDIS_URL, ttl=60, max_age=600)
+class OtherWorker:
+    """Appends through one RedisEventLog (the generation's worker), reads through another."""
+
+    def __init__(self, writer: RedisEventLog, reader: RedisEventLog):
+        self.open, self.append = writer.open, writer.append
+        self.read, self.exists = reader.read, reader.exists
+
+
+async def redis_log(url: str = REDIS_URL) -> RedisEventLog:
+    log = RedisEventLog(url=url, ttl=60, max_age=600)
     try:
         await log._redis().ping()
     except OSError:
         pytest.skip("Redis is not running on 127.0.0.1:6379")
-    yield log
-    await log.aclose()
+    return log
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        pytest.param("redis", marks=pytest.mark.redis),  # readers in the generation's process
+        pytest.param("redis-other-worker", marks=pytest.mark.redis),  # readers elsewhere: XREAD
+    ]
+)
+async def log(request):
+    if request.param == "memory":
+        yield InMemoryEventLog(ttl=60)
+        return
+    logs = [await redis_log()]
+    if request.param == "redis-other-worker":
+        logs.append(await redis_log())
+    yield OtherWorker(*logs) if len(logs) == 2 else logs[0]
+    for each in logs:
+        await each.aclose()
 
 
 async def collect(iterator, *, stop_on_keepalive=False):
@@ -98,11 +120,7 @@ async def test_many_readers_get_the_same_events(log):
 @pytest.mark.redis
 async def test_redis_reader_waits_past_the_client_socket_timeout(monkeypatch):
     """Blocking reads are sliced below redis-py's socket timeout; keep-alives still come on time."""
-    log = RedisEventLog(url=REDIS_URL, ttl=60, max_age=600)
-    try:
-        await log._redis().ping()
-    except OSError:
-        pytest.skip("Redis is not running on 127.0.0.1:6379")
+    log, other = await redis_log(), await redis_log()  # the reader is in another worker
     monkeypatch.setattr(RedisEventLog, "block_slice", 0.05)  # stands in for 4 s against a 5 s timeout
     message_id = uuid.uuid4()
     await log.open(message_id)
@@ -112,8 +130,31 @@ async def test_redis_reader_waits_past_the_client_socket_timeout(monkeypatch):
         await log.append(message_id, "done", {"status": "complete", "finish_reason": "stop"})
 
     writer = asyncio.create_task(write_late())
-    items = [item async for item in log.read(message_id, keepalive=0.3)]
+    items = [item async for item in other.read(message_id, keepalive=0.3)]
     await writer
     await log.aclose()
+    await other.aclose()
     kinds = [getattr(item, "type", "keepalive") for item in items]
     assert kinds[-1] == "done" and set(kinds[:-1]) == {"keepalive"}, kinds
+
+
+@pytest.mark.redis
+async def test_redis_readers_in_the_generations_process_hold_no_connection():
+    """More live readers than the connection pool holds: they follow the in-process copy."""
+    log = await redis_log(REDIS_URL + "?max_connections=4")
+    message_ids = [uuid.uuid4() for _ in range(10)]
+    for message_id in message_ids:
+        await log.open(message_id)
+    readers = [
+        asyncio.create_task(collect(log.read(message_id, keepalive=1)))
+        for message_id in message_ids
+        for _ in range(3)
+    ]
+    await asyncio.sleep(0.05)  # every reader is waiting for its first event
+    for message_id in message_ids:
+        for n in range(5):
+            await log.append(message_id, "delta", {"text": str(n)})
+        await log.append(message_id, "done", {"status": "complete", "finish_reason": "stop"})
+    results = await asyncio.wait_for(asyncio.gather(*readers), 5)
+    await log.aclose()
+    assert all([e.seq for e in r] == list(range(1, 7)) for r in results)
