@@ -121,27 +121,33 @@ class Generation:
         stream = self.stream
         limits = self.limits
         total_deadline = started + limits.total
-        limit = "first_token"
+        deadline = min(started + limits.first_token, total_deadline)
+        limit = "first_token" if deadline < total_deadline else "total"
         try:
-            async with asyncio.timeout_at(min(started + limits.first_token, total_deadline)) as timer:
-                if timer.when() == total_deadline:
-                    limit = "total"
-                async for chunk in stream:
-                    now = loop.time()
-                    if chunk.text:
-                        if first_token_at is None:
-                            first_token_at = now
-                        self.parts.append(chunk.text)
-                        await self.log.append(self.message_id, ev.DELTA, {"text": chunk.text})
-                        self.manager.mark_dirty(self)
-                    if chunk.finish_reason:
-                        finish_reason = chunk.finish_reason
-                    if chunk.usage is not None:
-                        usage = chunk.usage
-                    if first_token_at is not None:
-                        idle_deadline = now + limits.idle
-                        limit = "idle" if idle_deadline < total_deadline else "total"
-                        timer.reschedule(min(idle_deadline, total_deadline))
+            while True:
+                # The time limits cover waiting for the model only: a limit that fires
+                # during a log append (a Redis round trip) could be lost in the client
+                # library's own cancellation handling, and the answer would run on unlimited.
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                now = loop.time()
+                if chunk.text:
+                    if first_token_at is None:
+                        first_token_at = now
+                    self.parts.append(chunk.text)
+                    await self.log.append(self.message_id, ev.DELTA, {"text": chunk.text})
+                    self.manager.mark_dirty(self)
+                if chunk.finish_reason:
+                    finish_reason = chunk.finish_reason
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if first_token_at is not None:
+                    idle_deadline = now + limits.idle
+                    limit = "idle" if idle_deadline < total_deadline else "total"
+                    deadline = min(idle_deadline, total_deadline)
             outcome = {"status": Status.COMPLETE, "finish_reason": finish_reason or "stop"}
         except TimeoutError:
             error = GenerationTimeout(limit, getattr(limits, limit))
