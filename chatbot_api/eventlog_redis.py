@@ -46,6 +46,13 @@ class RedisEventLog(EventLog):
     prefix = "chatbot:events:"
     block_slice = 4.0  # seconds; below redis-py's default socket timeout of 5 s
     local_ttl = 30.0  # seconds this process's readers keep a finished answer's events in memory
+    # Connections per process (a `max_connections` in the URL overrides both): commands are
+    # short round trips, so they queue for a connection (up to `pool_wait` seconds) rather
+    # than fail, as redis-py's default pool does beyond 100; readers from other processes
+    # hold one each while they block, so they have a pool of their own.
+    command_connections = 64
+    reader_connections = 1024
+    pool_wait = 30.0
 
     def __init__(self, *, url: str, ttl: float, max_age: float):
         self.url = url
@@ -53,15 +60,22 @@ class RedisEventLog(EventLog):
         self.max_age = max(int(max_age), self.ttl)
         # The events of this process's generations, numbered here (only this process appends).
         self._local = InMemoryEventLog(ttl=min(self.local_ttl, self.ttl))
-        # redis.asyncio clients belong to the event loop that made them.
+        # redis.asyncio clients belong to the event loop that made them: (commands, readers).
         self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def _redis(self) -> aioredis.Redis:
+    def _redis(self, *, reader: bool = False) -> aioredis.Redis:
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            client = self._clients[loop] = aioredis.Redis.from_url(self.url)
-        return client
+        clients = self._clients.get(loop)
+        if clients is None:
+            clients = self._clients[loop] = tuple(
+                aioredis.Redis(
+                    connection_pool=aioredis.BlockingConnectionPool.from_url(
+                        self.url, max_connections=size, timeout=self.pool_wait
+                    )
+                )
+                for size in (self.command_connections, self.reader_connections)
+            )
+        return clients[1] if reader else clients[0]
 
     def _key(self, message_id: UUID) -> str:
         return f"{self.prefix}{message_id}"
@@ -94,7 +108,7 @@ class RedisEventLog(EventLog):
                 async for event in events:
                     yield event
             return
-        client = self._redis()
+        client = self._redis(reader=True)
         key = self._key(message_id)
         if not await client.exists(key):
             raise LogNotFound(message_id)
@@ -142,9 +156,9 @@ class RedisEventLog(EventLog):
             await pubsub.aclose()
 
     async def aclose(self) -> None:
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
+        for client in self._clients.pop(asyncio.get_running_loop(), ()):
             await client.aclose()
+            await client.connection_pool.disconnect()
 
 
 def _decode(payload: bytes) -> Event:
