@@ -134,6 +134,17 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             "transaction_mode": "IMMEDIATE",
         }
     )
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A connection pool per worker process (psycopg_pool): a burst with more requests in
+    # flight than PostgreSQL's max_connections waits for a connection instead of failing
+    # with "too many clients". Pooling replaces persistent connections (CONN_MAX_AGE).
+    DATABASE_POOL_SIZE = int(env_number("DATABASE_POOL_SIZE", 20, int, minimum=0))
+    if DATABASE_POOL_SIZE and not DATABASES["default"]["CONN_MAX_AGE"]:
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": 1,
+            "max_size": DATABASE_POOL_SIZE,
+            "timeout": 30,
+        }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
