@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -31,6 +32,8 @@ import redis.asyncio as aioredis
 
 from .eventlog import KEEPALIVE, EventLog, InMemoryEventLog, LogNotFound
 from .events import Event
+
+logger = logging.getLogger("chatbot.eventlog")
 
 OPEN_MARKER = "0-1"
 STOP_CHANNEL = "chatbot:stop"
@@ -62,6 +65,7 @@ class RedisEventLog(EventLog):
         self._local = InMemoryEventLog(ttl=min(self.local_ttl, self.ttl))
         # redis.asyncio clients belong to the event loop that made them: (commands, readers).
         self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._writers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> _Writer
 
     def _redis(self, *, reader: bool = False) -> aioredis.Redis:
         loop = asyncio.get_running_loop()
@@ -89,16 +93,26 @@ class RedisEventLog(EventLog):
         await self._local.open(message_id)
 
     async def append(self, message_id: UUID, type: str, data: dict) -> Event:
+        """Log in memory at once (this process's readers see it now), copy to Redis in batches.
+
+        Every append waiting for its own XADD cost a round trip and a pooled connection per
+        token; the writer sends whatever accumulated since its last write in one MULTI/EXEC.
+        A terminal event returns once it is in Redis, so other processes see the end.
+        """
         event = await self._local.append(message_id, type, data)  # LogNotFound unless opened here
-        key = self._key(message_id)
+        written = self._writer().add(
+            self._key(message_id), event, expire=self.ttl if event.is_terminal else None
+        )
         if event.is_terminal:
-            async with self._redis().pipeline(transaction=True) as pipe:
-                pipe.xadd(key, {"e": event.json}, id=_entry_id(event.seq))
-                pipe.expire(key, self.ttl)
-                await pipe.execute()
-        else:
-            await self._redis().xadd(key, {"e": event.json}, id=_entry_id(event.seq))
+            await written
         return event
+
+    def _writer(self) -> _Writer:
+        loop = asyncio.get_running_loop()
+        writer = self._writers.get(loop)
+        if writer is None:
+            writer = self._writers[loop] = _Writer(self._redis)
+        return writer
 
     async def read(
         self, message_id: UUID, *, after: int = 0, keepalive: float | None = None
@@ -156,9 +170,68 @@ class RedisEventLog(EventLog):
             await pubsub.aclose()
 
     async def aclose(self) -> None:
+        writer = self._writers.pop(asyncio.get_running_loop(), None)
+        if writer is not None:
+            await writer.drain()
         for client in self._clients.pop(asyncio.get_running_loop(), ()):
             await client.aclose()
             await client.connection_pool.disconnect()
+
+
+class _Writer:
+    """Copies appended events to Redis in order, one MULTI/EXEC per batch, one batch at a time."""
+
+    retries = 3
+
+    def __init__(self, redis):
+        self._redis = redis
+        self._pending: list[tuple[str, Event, int | None]] = []
+        self._batch_done: asyncio.Future | None = None  # resolved when the pending batch is written
+        self._task: asyncio.Task | None = None
+
+    def add(self, key: str, event: Event, *, expire: int | None) -> asyncio.Future:
+        """Queue an event; the returned future is done when it is in Redis."""
+        self._pending.append((key, event, expire))
+        if self._batch_done is None:
+            self._batch_done = asyncio.get_running_loop().create_future()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="redis-event-writer")
+        return self._batch_done
+
+    async def drain(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def _run(self) -> None:
+        while self._pending:
+            await asyncio.sleep(0)  # let this loop iteration's other appends join the batch
+            batch, self._pending = self._pending, []
+            done, self._batch_done = self._batch_done, None
+            try:
+                await self._write(batch)
+            except Exception as error:  # readers here are unaffected; other processes miss events
+                logger.error("copying %d event(s) to Redis failed", len(batch), exc_info=True)
+                if not done.done():
+                    done.set_exception(error)
+                    done.exception()  # retrieved: nobody may be waiting for non-terminal events
+            else:
+                if not done.done():
+                    done.set_result(None)
+
+    async def _write(self, batch: list[tuple[str, Event, int | None]]) -> None:
+        for attempt in range(self.retries):
+            try:
+                async with self._redis().pipeline(transaction=True) as pipe:
+                    for key, event, expire in batch:
+                        pipe.xadd(key, {"e": event.json}, id=_entry_id(event.seq))
+                        if expire is not None:
+                            pipe.expire(key, expire)
+                    await pipe.execute()
+                return
+            except (aioredis.ConnectionError, aioredis.TimeoutError):
+                if attempt + 1 == self.retries:
+                    raise
+                await asyncio.sleep(0.1 * 2**attempt)
 
 
 def _decode(payload: bytes) -> Event:

@@ -158,3 +158,37 @@ async def test_redis_readers_in_the_generations_process_hold_no_connection():
     results = await asyncio.wait_for(asyncio.gather(*readers), 5)
     await log.aclose()
     assert all([e.seq for e in r] == list(range(1, 7)) for r in results)
+
+
+@pytest.mark.redis
+async def test_redis_copies_appends_in_batches_and_a_terminal_event_before_returning(monkeypatch):
+    from chatbot_api import eventlog_redis
+
+    batches = []
+    write = eventlog_redis._Writer._write
+
+    async def counting_write(self, batch):
+        batches.append(len(batch))
+        await write(self, batch)
+
+    monkeypatch.setattr(eventlog_redis._Writer, "_write", counting_write)
+    log, other = await redis_log(), await redis_log()
+    message_ids = [uuid.uuid4() for _ in range(10)]
+    for message_id in message_ids:
+        await log.open(message_id)
+
+    async def generate(message_id):  # ten generations appending at the same time
+        for n in range(20):
+            await log.append(message_id, "delta", {"text": str(n)})
+            await asyncio.sleep(0)
+        await log.append(message_id, "done", {"status": "complete", "finish_reason": "stop"})
+        # Returned: the end is already in Redis for every other process.
+        return await collect(other.read(message_id, keepalive=0.01), stop_on_keepalive=True)
+
+    results = await asyncio.wait_for(asyncio.gather(*map(generate, message_ids)), 10)
+    await log.aclose()
+    await other.aclose()
+    assert all([e.seq for e in events] == list(range(1, 22)) for events in results)
+    assert sum(batches) == 210 and len(batches) < 210 / 5, (
+        f"one round trip per batch, not per event: {batches}"
+    )
