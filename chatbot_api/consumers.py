@@ -10,7 +10,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from rest_framework.exceptions import ValidationError
 
 from . import selectors, services
-from .errors import ChatbotError, api_exception_handler
+from .errors import UNAVAILABLE_ERRORS, ChatbotError, api_exception_handler
 from .eventlog import KEEPALIVE
 from .identity import owner_for_scope
 from .serializers import ChatRequestSerializer
@@ -53,7 +53,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             if handler is None:
                 raise ChatbotError("`type` must be one of: chat, regenerate, stop, resume.", code="invalid")
             await handler(content)
-        except (ChatbotError, ValidationError) as error:
+        except (ChatbotError, ValidationError, *UNAVAILABLE_ERRORS) as error:
             await self._send_error(content, error)
 
     async def disconnect(self, code):

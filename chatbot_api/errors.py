@@ -11,10 +11,17 @@ terminal `error` event.
 
 from __future__ import annotations
 
+import logging
+
 from django.core.exceptions import RequestDataTooBig
+from django.db import OperationalError
 from django.http import JsonResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
+
+logger = logging.getLogger("chatbot.errors")
 
 
 class ChatbotError(Exception):
@@ -58,6 +65,33 @@ class ProviderError(ChatbotError):
     code = "upstream_error"
 
 
+class ServerBusy(ChatbotError):
+    """The database or Redis did not answer in time: a saturated worker or a backing service down."""
+
+    status_code = 503
+    code = "server_busy"
+    retryable = True
+    retry_after = 5
+
+    def __init__(self):
+        super().__init__(
+            "The server is busy or one of its services is unreachable; try again shortly.",
+            headers={"Retry-After": str(self.retry_after)},
+        )
+
+
+# Errors that mean "try again later" (an empty connection pool after its timeout, a refused
+# connection), answered 503 `server_busy` instead of a 500 that reads as a bug.
+UNAVAILABLE_ERRORS = (OperationalError, RedisConnectionError, RedisTimeoutError)
+
+
+def unavailable_error(exc: BaseException) -> ServerBusy | None:
+    if isinstance(exc, UNAVAILABLE_ERRORS):
+        logger.warning("answered 503: %s: %s", exc.__class__.__name__, exc)
+        return ServerBusy()
+    return None
+
+
 class GenerationTimeout(ChatbotError):
     """One of the generation time limits (`connect`, `first_token`, `idle`, `total`) was hit."""
 
@@ -81,6 +115,7 @@ STATUS_BY_CODE = {
     "upstream_rate_limited": 503,
     "upstream_timeout": 504,
     "interrupted": 503,
+    "server_busy": 503,
 }
 
 
@@ -108,6 +143,7 @@ def _flatten_validation(detail, prefix: str = "") -> list[str]:
 
 def api_exception_handler(exc, context):
     """DRF exception handler: every API failure in the one JSON shape."""
+    exc = unavailable_error(exc) or exc
     if isinstance(exc, RequestDataTooBig):
         return Response(error_body("The request body is too large.", "payload_too_large"), status=413)
     if isinstance(exc, ChatbotError):

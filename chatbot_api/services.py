@@ -20,7 +20,7 @@ from django.utils import timezone
 from . import events as ev
 from . import metrics
 from .conf import chatbot_setting
-from .errors import ChatbotError
+from .errors import ChatbotError, unavailable_error
 from .eventlog import KEEPALIVE, LogNotFound
 from .generation import EarlyStream, GenerationRequest, get_manager, terminal_event
 from .limits import RateLimited, rate_limiter
@@ -113,10 +113,15 @@ async def _start_answer(
     stream = EarlyStream(provider.stream(prompt, max_tokens=max_tokens, temperature=temperature))
     try:
         conversation, user_message, assistant_message = await _create_or_release(owner, create)
-        manager = get_manager()
-        await manager.log.open(assistant_message.id)
     except BaseException:
         await asyncio.shield(stream.aclose())
+        raise
+    manager = get_manager()
+    try:
+        await manager.log.open(assistant_message.id)
+    except BaseException as error:  # saved but never started: say so, and free the slot
+        await asyncio.shield(stream.aclose())
+        await asyncio.shield(_fail_unstarted(owner, assistant_message, error))
         raise
     metrics.CHAT_REQUESTS.labels(transport).inc()
     manager.start(
@@ -143,6 +148,19 @@ def _acquire_slot(owner: Owner) -> None:
     except RateLimited as error:
         metrics.RATE_LIMITED.labels(error.limit).inc()
         raise
+
+
+@sync_to_async
+def _fail_unstarted(owner: Owner, answer: Message, error: BaseException) -> None:
+    failure = unavailable_error(error) or ChatbotError("The answer could not be started.", code="internal")
+    Message.objects.filter(pk=answer.pk).update(
+        status=Status.FAILED,
+        error_code=failure.code,
+        error_message=failure.message,
+        finish_reason="error",
+        heartbeat_at=timezone.now(),
+    )
+    rate_limiter.release(owner.rate_key)
 
 
 @sync_to_async

@@ -348,3 +348,55 @@ async def test_a_turn_that_cannot_be_saved_cancels_the_model_request(
     monkeypatch.setattr(services, "_create_turn", save_turn)
     upstream.enqueue(Script(chunks=["ok"]))
     assert (await post_chat(AsyncClient(), {"message": "Hi"})).status_code == 200, "the slot was given back"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        "django.db:OperationalError:couldn't get a connection after 30.00 sec",
+        "redis.exceptions:ConnectionError:No connection available.",
+    ],
+)
+async def test_a_busy_database_or_redis_is_a_503_to_retry_not_a_500(upstream, manager, monkeypatch, failure):
+    import importlib
+
+    from chatbot_api import services
+
+    module, name, text = failure.split(":", 2)
+    error = getattr(importlib.import_module(module), name)(text)
+
+    def busy(**kwargs):  # what a connection pool that stayed empty for its timeout raises
+        raise error
+
+    monkeypatch.setattr(services, "_create_turn", busy)
+    response = await post_chat(AsyncClient(), {"message": "Hi"})
+
+    assert response.status_code == 503 and response["Retry-After"] == "5"
+    body = response.json()
+    assert body["success"] is False and body["code"] == "server_busy" and body["retryable"] is True
+    assert await Message.objects.acount() == 0 and manager.running_count == 0
+
+
+async def test_an_event_log_that_cannot_open_fails_the_saved_answer_and_frees_the_slot(
+    upstream, manager, monkeypatch, chatbot_settings
+):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    chatbot_settings(CONCURRENT_STREAMS=1)
+    opened = manager.log.open
+
+    async def refused(message_id):
+        await upstream.wait_for_request_async()  # the model's request is out
+        raise RedisConnectionError("Connection refused.")
+
+    monkeypatch.setattr(manager.log, "open", refused)
+    upstream.enqueue(Script(chunks=["never"], hang_after=0))
+    response = await post_chat(AsyncClient(), {"message": "Hi"})
+
+    assert response.status_code == 503 and response.json()["code"] == "server_busy"
+    assert (await upstream.wait_for_disconnect_async(0)).disconnected, "the model request was cancelled"
+    answer = await Message.objects.aget(role="assistant")
+    assert (answer.status, answer.error_code) == ("failed", "server_busy"), "saved, then marked failed"
+    monkeypatch.setattr(manager.log, "open", opened)
+    upstream.enqueue(Script(chunks=["ok"]))
+    assert (await post_chat(AsyncClient(), {"message": "Hi"})).status_code == 200, "the slot was given back"

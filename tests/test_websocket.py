@@ -177,3 +177,26 @@ async def test_regenerate_over_websocket(upstream, manager):
     assert "".join(e["text"] for e in events if e["type"] == "delta") == "again"
     assert not await Message.objects.filter(pk=first[0]["message_id"]).aexists()
     await ws.disconnect()
+
+
+async def test_a_busy_database_is_an_error_frame_to_retry(upstream, manager, monkeypatch):
+    from django.db import OperationalError
+
+    from chatbot_api import services
+
+    def busy(**kwargs):
+        raise OperationalError("couldn't get a connection after 30.00 sec")
+
+    monkeypatch.setattr(services, "_create_turn", busy)
+    ws = await connect(await browser_session())
+    await ws.send_json_to({"type": "chat", "message": "Hi", "request_id": "r1"})
+    error = await ws.receive_json_from(timeout=5)
+    assert (error["type"], error["code"], error["retryable"], error["request_id"]) == (
+        "error",
+        "server_busy",
+        True,
+        "r1",
+    )
+    await ws.send_json_to({"type": "dance"})  # the socket stays usable
+    assert (await ws.receive_json_from(timeout=5))["code"] == "invalid"
+    await ws.disconnect()
