@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import re
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-import uvicorn
-
 from bench.servers import raise_fd_limit
-from tests.support.fake_openai import FakeOpenAI, RecordedRequest, Script
+from tests.support.fake_openai import FakeOpenAI, RecordedRequest, Script, serve_forever
 
 CHUNK_TEXT = " tok"
 _DIRECTIVE = re.compile(r"\b(chunks|interval|first_delay)=([0-9.]+)")
@@ -64,29 +60,7 @@ class ScriptedUpstream(FakeOpenAI):
 def serve(host: str, port: int, default: Script) -> None:
     """Serve until SIGINT/SIGTERM; print `fake-openai ready <url>` once listening."""
     raise_fd_limit()
-    fake = ScriptedUpstream(default, keep_history=False)
-    config = uvicorn.Config(
-        fake,
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        ws="none",
-        timeout_graceful_shutdown=1,
-        backlog=4096,
-    )
-    server = uvicorn.Server(config)
-
-    def announce() -> None:
-        while not server.started and not server.should_exit:
-            time.sleep(0.01)
-        if server.started:
-            port = server.servers[0].sockets[0].getsockname()[1]
-            print(f"fake-openai ready http://{host}:{port}/v1", flush=True)
-
-    threading.Thread(target=announce, daemon=True).start()
-    server.run()
+    serve_forever(host, port, fake=ScriptedUpstream(default, keep_history=False), backlog=4096)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -633,12 +633,15 @@ def serve_forever(
     *,
     log_level: str = "warning",
     ready_message: bool = True,
+    fake: FakeOpenAI | None = None,
+    backlog: int = 2048,
 ) -> None:
     """Serve in the foreground (signals handled) as a separate benchmark process; no history is kept.
 
     Prints ``fake-openai ready <url>`` on stdout once listening, so a parent can wait for it.
+    ``fake`` replaces the default ``FakeOpenAI(script)`` (``bench.upstream`` passes a subclass).
     """
-    fake = FakeOpenAI(script, keep_history=False)
+    fake = fake or FakeOpenAI(script, keep_history=False)
     config = uvicorn.Config(
         fake,
         host=host,
@@ -648,6 +651,7 @@ def serve_forever(
         lifespan="off",
         ws="none",
         timeout_graceful_shutdown=2,
+        backlog=backlog,
     )
     server = uvicorn.Server(config)
     _install_drop_log_filter()  # after Config() (re)configured logging
