@@ -169,27 +169,25 @@ async def sse(
     """
     stream = stream or Stream("sse-token" if token else "sse")
     headers = {"Accept": SSE, **({"Authorization": f"Token {token}"} if token else {})}
+    return await _chat_stream(client, origin, text, stream, headers, b"\n\n", _parse_sse)
 
+
+async def ndjson(client: httpx.AsyncClient, origin: str, text: str) -> Stream:
+    """POST /api/chat/ read as newline-delimited JSON."""
+    return await _chat_stream(
+        client, origin, text, Stream("ndjson"), {"Accept": NDJSON}, b"\n", _parse_ndjson
+    )
+
+
+async def _chat_stream(
+    client: httpx.AsyncClient, origin: str, text: str, stream: Stream, headers: dict, separator: bytes, parse
+) -> Stream:
     async def run() -> None:
         stream.start = time.perf_counter()
         async with client.stream(
             "POST", origin + "/api/chat/", json={"message": text}, headers=headers
         ) as response:
-            await _read_http(stream, response, b"\n\n", _parse_sse)
-
-    return await _timed(stream, run())
-
-
-async def ndjson(client: httpx.AsyncClient, origin: str, text: str) -> Stream:
-    """POST /api/chat/ read as newline-delimited JSON."""
-    stream = Stream("ndjson")
-
-    async def run() -> None:
-        stream.start = time.perf_counter()
-        async with client.stream(
-            "POST", origin + "/api/chat/", json={"message": text}, headers={"Accept": NDJSON}
-        ) as response:
-            await _read_http(stream, response, b"\n", _parse_ndjson)
+            await _read_http(stream, response, separator, parse)
 
     return await _timed(stream, run())
 
