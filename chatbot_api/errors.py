@@ -86,10 +86,7 @@ UNAVAILABLE_ERRORS = (OperationalError, RedisConnectionError, RedisTimeoutError)
 
 
 def unavailable_error(exc: BaseException) -> ServerBusy | None:
-    if isinstance(exc, UNAVAILABLE_ERRORS):
-        logger.warning("answered 503: %s: %s", exc.__class__.__name__, exc)
-        return ServerBusy()
-    return None
+    return ServerBusy() if isinstance(exc, UNAVAILABLE_ERRORS) else None
 
 
 class GenerationTimeout(ChatbotError):
@@ -143,7 +140,9 @@ def _flatten_validation(detail, prefix: str = "") -> list[str]:
 
 def api_exception_handler(exc, context):
     """DRF exception handler: every API failure in the one JSON shape."""
-    exc = unavailable_error(exc) or exc
+    if busy := unavailable_error(exc):
+        logger.warning("answered 503: %s: %s", exc.__class__.__name__, exc)
+        exc = busy
     if isinstance(exc, RequestDataTooBig):
         return Response(error_body("The request body is too large.", "payload_too_large"), status=413)
     if isinstance(exc, ChatbotError):
