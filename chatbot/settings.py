@@ -189,7 +189,7 @@ REST_FRAMEWORK = {
         "chatbot_api.authentication.CsrfSessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["chatbot_api.permissions.ChatAccess"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["chatbot_api.parsers.SafeJSONParser"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "chatbot_api.errors.api_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -212,19 +212,21 @@ REDIS_URL = os.environ.get("REDIS_URL", "")
 
 CACHES = {
     "default": (
-        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+        {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            # A frozen Redis fails a limit check in 2 s (503 server_busy) instead of hanging it.
+            "OPTIONS": {"socket_timeout": 2, "socket_connect_timeout": 2},
+        }
         if REDIS_URL
         else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "chatbot"}
     )
 }
 
-CHANNEL_LAYERS = {
-    "default": (
-        {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
-        if REDIS_URL
-        else {"BACKEND": "channels.layers.InMemoryChannelLayer"}
-    )
-}
+# No Channels layer: sockets read answers from the event log, never from each other. A
+# channels-redis layer was configured once and unused; its 5 s blocking reads hit
+# redis-py's 5 s socket timeout and closed every idle WebSocket.
+CHANNEL_LAYERS = {}
 
 # --- The chatbot itself -------------------------------------------------------
 OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from uuid import UUID
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -13,7 +14,10 @@ from . import selectors, services
 from .errors import UNAVAILABLE_ERRORS, ChatbotError, api_exception_handler
 from .eventlog import KEEPALIVE
 from .identity import owner_for_scope
+from .parsers import loads_frame
 from .serializers import ChatRequestSerializer
+
+logger = logging.getLogger("chatbot.websocket")
 
 # Close code for "not allowed": the WebSocket twin of HTTP 403.
 CLOSE_FORBIDDEN = 4403
@@ -38,6 +42,18 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         await self.accept()
 
+    async def receive(self, text_data=None, bytes_data=None, **kwargs):
+        """Called for each frame: anything but a JSON text frame gets an error frame, not a drop."""
+        if text_data is None:
+            await self._send_error({}, ChatbotError("Send JSON text frames, not binary.", code="invalid"))
+            return
+        try:
+            content = loads_frame(text_data)
+        except ValueError as error:
+            await self._send_error({}, ChatbotError(f"Each frame must be JSON ({error}).", code="invalid"))
+            return
+        await self.receive_json(content, **kwargs)
+
     async def receive_json(self, content, **kwargs):
         """Called for each JSON frame the client sends."""
         if not isinstance(content, dict):
@@ -55,6 +71,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await handler(content)
         except (ChatbotError, ValidationError, *UNAVAILABLE_ERRORS) as error:
             await self._send_error(content, error)
+        except Exception:  # a bug must not drop the socket and every answer it follows
+            logger.exception("WebSocket request %r failed", content.get("type"))
+            await self._send_error(content, ChatbotError("Internal server error.", code="server_error"))
 
     async def disconnect(self, code):
         """Called when the socket closes: stop following; the answers themselves go on."""

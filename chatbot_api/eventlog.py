@@ -26,6 +26,13 @@ class LogNotFound(LookupError):
     """No log for this message here (never opened, expired, or owned by a process that died)."""
 
 
+class LogGap(Exception):
+    """Events are missing from a shared log and did not come back in time."""
+
+    def __init__(self, message_id: UUID, position: int):
+        super().__init__(f"events after {position} of {message_id} are missing from the shared log")
+
+
 class EventLog:
     """Contract of an event-log backend.
 
@@ -39,6 +46,9 @@ class EventLog:
       `stop_requests`) to the process that runs the generation.
     """
 
+    # Whether other processes read (and may have to end) this log.
+    is_shared = False
+
     async def open(self, message_id: UUID) -> None:
         raise NotImplementedError(".open() must be overridden")
 
@@ -50,6 +60,22 @@ class EventLog:
 
     async def exists(self, message_id: UUID) -> bool:
         raise NotImplementedError(".exists() must be overridden")
+
+    async def tail(self, message_id: UUID) -> Event | None:
+        """The last event logged, or None (no log, or nothing logged yet)."""
+        raise NotImplementedError(".tail() must be overridden")
+
+    async def text(self, message_id: UUID) -> str | None:
+        """The answer's text as logged (its deltas joined), or None without a log."""
+        raise NotImplementedError(".text() must be overridden")
+
+    async def close_abandoned(self, message_id: UUID, type: str, data: dict) -> int | None:
+        """End a log whose generation is gone with this terminal event, unless it already ended.
+
+        Returns the seq of the log's terminal event (the new one or the one it had), or
+        None without a log. Safe to race with another process doing the same: one wins.
+        """
+        raise NotImplementedError(".close_abandoned() must be overridden")
 
     async def request_stop(self, message_id: UUID) -> bool:
         """Ask another process to stop this answer; False when no other process shares the log."""
@@ -120,6 +146,8 @@ class InMemoryEventLog(EventLog):
                 yield event
                 if event.is_terminal:
                     return
+            if stream.expires_at is not None:  # ended, and the reader is at or past its end
+                return
             changed = stream.changed
             try:
                 async with asyncio.timeout(keepalive):
@@ -129,6 +157,38 @@ class InMemoryEventLog(EventLog):
 
     async def exists(self, message_id: UUID) -> bool:
         return message_id in self._streams
+
+    async def tail(self, message_id: UUID) -> Event | None:
+        stream = self._streams.get(message_id)
+        if stream is None or not stream.events:
+            return None
+        return self._event(stream, len(stream.events) - 1)
+
+    async def text(self, message_id: UUID) -> str | None:
+        stream = self._streams.get(message_id)
+        if stream is None:
+            return None
+        return "".join(event[0] for event in stream.events if not isinstance(event, Event))
+
+    async def close_abandoned(self, message_id: UUID, type: str, data: dict) -> int | None:
+        stream = self._streams.get(message_id)
+        if stream is None:
+            return None
+        if stream.expires_at is not None:
+            return len(stream.events)
+        return (await self.append(message_id, type, data)).seq
+
+    def events(self, message_id: UUID) -> list[Event]:
+        """Every event of a log, from the first (a shared log re-seeds its copy from these)."""
+        stream = self._streams.get(message_id)
+        if stream is None:
+            return []
+        return [self._event(stream, index) for index in range(len(stream.events))]
+
+    @staticmethod
+    def _event(stream: _Stream, index: int) -> Event:
+        event = stream.events[index]
+        return event if isinstance(event, Event) else Event(index + 1, DELTA, {"text": event[0]}, event[1])
 
     def _purge_expired(self) -> None:
         now = self.clock()

@@ -21,6 +21,7 @@ running the generation stops it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import weakref
@@ -30,8 +31,8 @@ from uuid import UUID
 
 import redis.asyncio as aioredis
 
-from .eventlog import KEEPALIVE, EventLog, InMemoryEventLog, LogNotFound
-from .events import Event
+from .eventlog import KEEPALIVE, EventLog, InMemoryEventLog, LogGap, LogNotFound
+from .events import DELTA, Event
 
 logger = logging.getLogger("chatbot.eventlog")
 
@@ -47,6 +48,7 @@ class RedisEventLog(EventLog):
     """`EventLog` on Redis Streams; see the module docstring for the layout."""
 
     prefix = "chatbot:events:"
+    is_shared = True
     block_slice = 4.0  # seconds; below redis-py's default socket timeout of 5 s
     local_ttl = 30.0  # seconds this process's readers keep a finished answer's events in memory
     # Connections per process (a `max_connections` in the URL overrides both): commands are
@@ -56,6 +58,13 @@ class RedisEventLog(EventLog):
     command_connections = 64
     reader_connections = 1024
     pool_wait = 30.0
+    socket_timeout = 5.0
+    # A cross-worker reader waits this long for Redis to come back before it ends its
+    # stream with a retryable `server_busy` (the client resumes; nothing is lost).
+    outage_wait = 10.0
+    # How long a terminal append waits for Redis before it returns anyway (the writer
+    # keeps retrying in the background; this process's readers have the event already).
+    terminal_wait = 5.0
 
     def __init__(self, *, url: str, ttl: float, max_age: float):
         self.url = url
@@ -74,7 +83,12 @@ class RedisEventLog(EventLog):
             clients = self._clients[loop] = tuple(
                 aioredis.Redis(
                     connection_pool=aioredis.BlockingConnectionPool.from_url(
-                        self.url, max_connections=size, timeout=self.pool_wait
+                        self.url,
+                        max_connections=size,
+                        timeout=self.pool_wait,
+                        # A frozen server fails a command after this, instead of hanging it.
+                        socket_timeout=self.socket_timeout,
+                        socket_connect_timeout=self.socket_timeout,
                     )
                 )
                 for size in (self.command_connections, self.reader_connections)
@@ -101,18 +115,27 @@ class RedisEventLog(EventLog):
         """
         event = await self._local.append(message_id, type, data)  # LogNotFound unless opened here
         written = self._writer().add(
-            self._key(message_id), event, expire=self.ttl if event.is_terminal else None
+            message_id, self._key(message_id), event, expire=self.ttl if event.is_terminal else None
         )
         if event.is_terminal:
-            await written
+            try:
+                await asyncio.wait_for(asyncio.shield(written), self.terminal_wait)
+            except TimeoutError:
+                logger.error("Redis did not take the end of answer %s in time; still retrying", message_id)
         return event
 
     def _writer(self) -> _Writer:
         loop = asyncio.get_running_loop()
         writer = self._writers.get(loop)
         if writer is None:
-            writer = self._writers[loop] = _Writer(self._redis)
+            writer = self._writers[loop] = _Writer(
+                self._redis, self._seed_events, ttl=self.ttl, max_age=self.max_age
+            )
         return writer
+
+    def _seed_events(self, message_id: UUID) -> list[Event]:
+        """Every event logged here for a message: what a vanished stream is re-created from."""
+        return self._local.events(message_id)
 
     async def read(
         self, message_id: UUID, *, after: int = 0, keepalive: float | None = None
@@ -126,33 +149,120 @@ class RedisEventLog(EventLog):
         key = self._key(message_id)
         if not await client.exists(key):
             raise LogNotFound(message_id)
-        last = _entry_id(after) if after > 0 else OPEN_MARKER
-        entries = await client.xrange(key, min=f"({last}", max="+")
-        # Block in slices shorter than the client's socket timeout (redis-py: 5 s), and send a
-        # keep-alive only once `keepalive` seconds have passed without an event.
+        last_event = await self.tail(message_id)
+        if last_event is not None and last_event.is_terminal and last_event.seq <= after:
+            return  # ended, and the reader is at or past its end
+        # Block in slices shorter than the client's socket timeout, and send a keep-alive
+        # only once `keepalive` seconds have passed without an event.
         wait = min(keepalive or self.block_slice, self.block_slice)
         clock = asyncio.get_running_loop().time
         quiet_since = clock()
+        position = max(after, 0)  # the seq of the last event yielded
+        entries = await self._range_after(client, key, position)
         while True:
-            for entry_id, fields in entries:
-                last = entry_id
+            for _id, fields in entries:
                 payload = fields.get(b"e")
                 if payload is None:  # the open marker
                     continue
                 event = _decode(payload)
+                if event.seq <= position:  # re-read after a gap or an outage
+                    continue
+                if event.seq != position + 1:
+                    # A hole: never skip it silently. The generating worker re-creates a
+                    # stream that Redis lost; read again from where we are until it has.
+                    entries = await self._fill_gap(client, key, position, message_id)
+                    break
+                position = event.seq
                 yield event
                 if event.is_terminal:
                     return
-            response = await client.xread({key: last}, block=int(wait * 1000), count=256)
-            entries = response[0][1] if response else []
-            if entries or not keepalive:
-                quiet_since = clock()
-            elif clock() - quiet_since >= keepalive:
-                quiet_since = clock()
-                yield KEEPALIVE
+            else:
+                entries = await self._next_entries(client, key, position, wait)
+                if entries or not keepalive:
+                    quiet_since = clock()
+                elif clock() - quiet_since >= keepalive:
+                    quiet_since = clock()
+                    yield KEEPALIVE
+
+    async def _range_after(self, client, key: str, position: int) -> list:
+        last = _entry_id(position) if position > 0 else OPEN_MARKER
+        return await client.xrange(key, min=f"({last}", max="+")
+
+    async def _next_entries(self, client, key: str, position: int, wait: float) -> list:
+        """The entries after `position`, waiting up to `wait`; rides out a Redis outage."""
+        last = _entry_id(position) if position > 0 else OPEN_MARKER
+        deadline = asyncio.get_running_loop().time() + self.outage_wait
+        while True:
+            try:
+                response = await client.xread({key: last}, block=int(wait * 1000), count=256)
+                return response[0][1] if response else []
+            except (aioredis.ConnectionError, aioredis.TimeoutError):
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                logger.warning("reading %s from Redis failed; retrying", key)
+                await asyncio.sleep(0.5)
+
+    async def _fill_gap(self, client, key: str, position: int, message_id: UUID) -> list:
+        deadline = asyncio.get_running_loop().time() + self.outage_wait
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+            entries = await self._range_after(client, key, position)
+            first = next((_decode(f[b"e"]).seq for _, f in entries if b"e" in f), None)
+            if first is None or first == position + 1:
+                return entries
+        raise LogGap(message_id, position)
 
     async def exists(self, message_id: UUID) -> bool:
         return bool(await self._redis().exists(self._key(message_id)))
+
+    async def tail(self, message_id: UUID) -> Event | None:
+        if await self._local.exists(message_id):
+            return await self._local.tail(message_id)
+        entries = await self._redis().xrevrange(self._key(message_id), max="+", min="-", count=1)
+        if not entries or b"e" not in entries[0][1]:
+            return None
+        return _decode(entries[0][1][b"e"])
+
+    async def text(self, message_id: UUID) -> str | None:
+        if await self._local.exists(message_id):
+            return await self._local.text(message_id)
+        key = self._key(message_id)
+        if not await self._redis().exists(key):
+            return None
+        parts = []
+        for _, fields in await self._redis().xrange(key, min="-", max="+"):
+            if b"e" in fields:
+                event = _decode(fields[b"e"])
+                if event.type == DELTA:
+                    parts.append(event.data["text"])
+        return "".join(parts)
+
+    async def close_abandoned(self, message_id: UUID, type: str, data: dict) -> int | None:
+        if await self._local.exists(message_id):
+            seq = await self._local.close_abandoned(message_id, type, data)
+            terminal = await self._local.tail(message_id)
+            if seq is not None and terminal is not None and terminal.seq == seq:
+                written = self._writer().add(message_id, self._key(message_id), terminal, expire=self.ttl)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(written), self.terminal_wait)
+            return seq
+        key = self._key(message_id)
+        for _attempt in range(5):
+            if not await self._redis().exists(key):
+                return None
+            last = await self.tail(message_id)
+            if last is not None and last.is_terminal:
+                return last.seq
+            event = Event.create((last.seq if last else 0) + 1, type, data, message_id)
+            try:
+                async with self._redis().pipeline(transaction=True) as pipe:
+                    pipe.xadd(key, {"e": event.json}, id=_entry_id(event.seq), nomkstream=True)
+                    pipe.expire(key, self.ttl)
+                    await pipe.execute()
+                return event.seq
+            except aioredis.ResponseError:  # someone appended meanwhile: look again
+                continue
+        return None
 
     async def request_stop(self, message_id: UUID) -> bool:
         """Ask the process running this answer to stop it; True if some process listens."""
@@ -179,19 +289,28 @@ class RedisEventLog(EventLog):
 
 
 class _Writer:
-    """Copies appended events to Redis in order, one MULTI/EXEC per batch, one batch at a time."""
+    """Copies appended events to Redis in order, one MULTI/EXEC per batch, one batch at a time.
 
-    retries = 3
+    Nothing is dropped: a batch that fails stays queued and is retried (with back-off)
+    until Redis takes it. A stream that Redis no longer has (restarted empty, flushed)
+    is re-created from this process's copy of the log, so readers elsewhere never see a
+    hole.
+    """
 
-    def __init__(self, redis):
+    max_backoff = 2.0
+
+    def __init__(self, redis, seed_events, *, ttl: int, max_age: int):
         self._redis = redis
-        self._pending: list[tuple[str, Event, int | None]] = []
+        self._seed_events = seed_events
+        self._ttl = ttl
+        self._max_age = max_age
+        self._pending: list[tuple[UUID, str, Event, int | None]] = []
         self._batch_done: asyncio.Future | None = None  # resolved when the pending batch is written
         self._task: asyncio.Task | None = None
 
-    def add(self, key: str, event: Event, *, expire: int | None) -> asyncio.Future:
+    def add(self, message_id: UUID, key: str, event: Event, *, expire: int | None) -> asyncio.Future:
         """Queue an event; the returned future is done when it is in Redis."""
-        self._pending.append((key, event, expire))
+        self._pending.append((message_id, key, event, expire))
         if self._batch_done is None:
             self._batch_done = asyncio.get_running_loop().create_future()
         if self._task is None or self._task.done():
@@ -203,35 +322,67 @@ class _Writer:
             await asyncio.shield(self._task)
 
     async def _run(self) -> None:
+        backoff = 0.1
         while self._pending:
             await asyncio.sleep(0)  # let this loop iteration's other appends join the batch
             batch, self._pending = self._pending, []
             done, self._batch_done = self._batch_done, None
             try:
                 await self._write(batch)
-            except Exception as error:  # readers here are unaffected; other processes miss events
-                logger.error("copying %d event(s) to Redis failed", len(batch), exc_info=True)
-                if not done.done():
-                    done.set_exception(error)
-                    done.exception()  # retrieved: nobody may be waiting for non-terminal events
+            except Exception:  # readers here are unaffected; keep the batch and try again
+                logger.error("copying %d event(s) to Redis failed; retrying", len(batch), exc_info=True)
+                self._pending[:0] = batch
+                if self._batch_done is None:
+                    self._batch_done = done
+                else:  # later appends wait on the merged batch
+                    self._batch_done.add_done_callback(lambda _, done=done: _settle(done))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff)
             else:
-                if not done.done():
-                    done.set_result(None)
+                backoff = 0.1
+                _settle(done)
 
-    async def _write(self, batch: list[tuple[str, Event, int | None]]) -> None:
-        for attempt in range(self.retries):
-            try:
-                async with self._redis().pipeline(transaction=True) as pipe:
-                    for key, event, expire in batch:
-                        pipe.xadd(key, {"e": event.json}, id=_entry_id(event.seq))
-                        if expire is not None:
-                            pipe.expire(key, expire)
-                    await pipe.execute()
-                return
-            except (aioredis.ConnectionError, aioredis.TimeoutError):
-                if attempt + 1 == self.retries:
-                    raise
-                await asyncio.sleep(0.1 * 2**attempt)
+    async def _write(self, batch: list[tuple[UUID, str, Event, int | None]]) -> None:
+        async with self._redis().pipeline(transaction=True) as pipe:
+            for _, key, event, expire in batch:
+                # NOMKSTREAM: a stream Redis lost is not silently started again mid-answer.
+                pipe.xadd(key, {"e": event.json}, id=_entry_id(event.seq), nomkstream=True)
+                if expire is not None:
+                    pipe.expire(key, expire)
+            results = await pipe.execute(raise_on_error=False)
+        lost: dict[UUID, str] = {}
+        index = 0
+        for message_id, key, _event, expire in batch:
+            result = results[index]
+            index += 2 if expire is not None else 1
+            if result is None:
+                lost[message_id] = key
+            elif isinstance(result, Exception) and not _is_duplicate(result):
+                raise result
+        for message_id, key in lost.items():
+            await self._reseed(message_id, key)
+
+    async def _reseed(self, message_id: UUID, key: str) -> None:
+        events = self._seed_events(message_id)
+        logger.warning("Redis lost the event log of %s; re-creating it (%d events)", message_id, len(events))
+        async with self._redis().pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.xadd(key, {"open": 1}, id=OPEN_MARKER)
+            for event in events:
+                pipe.xadd(key, {"e": event.json}, id=_entry_id(event.seq))
+            ended = bool(events) and events[-1].is_terminal
+            pipe.expire(key, self._ttl if ended else self._max_age)
+            await pipe.execute()
+
+
+def _is_duplicate(error: Exception) -> bool:
+    # Re-seeding already wrote this entry (XADD refuses an id at or below the stream's top).
+    return isinstance(error, aioredis.ResponseError) and "equal or smaller" in str(error)
+
+
+def _settle(future: asyncio.Future | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
 
 
 def _decode(payload: bytes) -> Event:

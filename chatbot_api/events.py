@@ -3,15 +3,20 @@
 Each event is a JSON object with a `type`, the `message_id` and a `seq` strictly
 increasing per message (1, 2, 3, ...):
 
-    meta   {session_id, message_id, model, provider}
-    delta  {text}
-    usage  {prompt_tokens, completion_tokens, estimated}
-    done   {status: "complete" | "stopped", finish_reason}        terminal
-    error  {code, message, retryable}                             terminal
+    meta     {session_id, message_id, model, provider}
+    delta    {text}
+    snapshot {text}: the whole text up to this seq (replaces what the client has)
+    usage    {prompt_tokens, completion_tokens, estimated}
+    done     {status: "complete" | "stopped", finish_reason}        terminal
+    error    {code, message, retryable}                             terminal
 
 Every stream ends with exactly one terminal event, so a client can always tell a
 finished answer from a cut one. The JSON text is encoded once, when the event is
 appended, and shared by every reader and transport.
+
+A terminal `error` with no `seq` ends one reader's stream, not the answer (this
+server is shutting down, the shared log is unreachable): the client resumes after
+the last seq it saw.
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-META, DELTA, USAGE, DONE, ERROR = "meta", "delta", "usage", "done", "error"
+META, DELTA, SNAPSHOT, USAGE, DONE, ERROR = "meta", "delta", "snapshot", "usage", "done", "error"
 TERMINAL_TYPES = frozenset({DONE, ERROR})
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    seq: int
+    seq: int | None  # None: a reader's own terminal event, not one of the answer's
     type: str
     data: dict
     json: str = field(default="", compare=False)
@@ -34,6 +39,13 @@ class Event:
     def create(cls, seq: int, type: str, data: dict, message_id) -> Event:
         payload = {"type": type, "seq": seq, "message_id": str(message_id), **data}
         return cls(seq, type, data, json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
+
+    @classmethod
+    def for_reader(cls, code: str, message: str, message_id, *, retryable: bool = True) -> Event:
+        """A terminal `error` that ends one reader's stream (no seq: the answer goes on)."""
+        data = {"code": code, "message": message, "retryable": retryable}
+        payload = {"type": ERROR, "message_id": str(message_id), **data}
+        return cls(None, ERROR, data, json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
 
     @property
     def is_terminal(self) -> bool:
@@ -59,6 +71,8 @@ class Answer:
     def add(self, event: Event) -> None:
         if event.type == DELTA:
             self.parts.append(event.data["text"])
+        elif event.type == SNAPSHOT:
+            self.parts = [event.data["text"]]
         elif event.type == META:
             self.meta = event.data
         elif event.type == USAGE:

@@ -37,6 +37,7 @@ from .eventlog import EventLog, InMemoryEventLog
 from .limits import rate_limiter
 from .models import Message, UsageRecord
 from .providers import Chunk, Provider, Usage
+from .providers.base import storable_text
 
 logger = logging.getLogger("chatbot.generation")
 
@@ -54,6 +55,7 @@ class GenerationRequest:
     client_key: str = ""
     user_id: int | None = None
     session_key: str = ""
+    holds_slot: bool = False  # a concurrency slot to give back when the answer ends
 
 
 @dataclass(slots=True)
@@ -89,6 +91,7 @@ class Generation:
         self.log = manager.log
         self.limits = Limits.from_settings()
         self.parts: list[str] = []
+        self.last_seq = 0  # of the last event this generation logged
         self.task: asyncio.Task | None = None
         # Why we cancelled our own task: "stopped" (the user) or "interrupted" (shutdown).
         self.cancel_reason: str | None = None
@@ -101,6 +104,10 @@ class Generation:
     def text(self) -> str:
         return "".join(self.parts)
 
+    async def append(self, type: str, data: dict) -> None:
+        event = await self.log.append(self.message_id, type, data)
+        self.last_seq = event.seq
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -108,22 +115,21 @@ class Generation:
         finish_reason = ""
         usage: Usage | None = None
         outcome: dict = {}
-        await self.log.append(
-            self.message_id,
-            ev.META,
-            {
-                "session_id": str(self.request.conversation_id),
-                "message_id": str(self.message_id),
-                "model": self.provider.model_id,
-                "provider": self.provider.name,
-            },
-        )
         stream = self.stream
         limits = self.limits
         total_deadline = started + limits.total
         deadline = min(started + limits.first_token, total_deadline)
         limit = "first_token" if deadline < total_deadline else "total"
         try:
+            await self.append(
+                ev.META,
+                {
+                    "session_id": str(self.request.conversation_id),
+                    "message_id": str(self.message_id),
+                    "model": self.provider.model_id,
+                    "provider": self.provider.name,
+                },
+            )
             while True:
                 # The time limits cover waiting for the model only: a limit that fires
                 # during a log append (a Redis round trip) could be lost in the client
@@ -137,8 +143,9 @@ class Generation:
                 if chunk.text:
                     if first_token_at is None:
                         first_token_at = now
-                    self.parts.append(chunk.text)
-                    await self.log.append(self.message_id, ev.DELTA, {"text": chunk.text})
+                    text = storable_text(chunk.text)
+                    self.parts.append(text)
+                    await self.append(ev.DELTA, {"text": text})
                     self.manager.mark_dirty(self)
                 if chunk.finish_reason:
                     finish_reason = chunk.finish_reason
@@ -162,6 +169,7 @@ class Generation:
                 outcome = _failure(ChatbotError(INTERRUPTED_MESSAGE, code="interrupted", retryable=True))
                 outcome["status"] = Status.INTERRUPTED
             if self.cancel_reason is None:  # not ours: let the canceller see it after we save
+                await _close_quietly(stream)
                 await asyncio.shield(self._finish(outcome, started, first_token_at, usage))
                 raise
             asyncio.current_task().uncancel()  # our own stop: the task ends normally
@@ -170,15 +178,42 @@ class Generation:
             outcome = _failure(
                 ProviderError(f"Unexpected error: {error.__class__.__name__}", code="internal")
             )
-        finally:
-            await stream.aclose()
+        await _close_quietly(stream)
         await self._finish(outcome, started, first_token_at, usage)
 
     async def _finish(
         self, outcome: dict, started: float, first_token_at: float | None, usage: Usage | None
     ) -> None:
-        loop = asyncio.get_running_loop()
+        """Save the outcome, give the slot back, end the log: each step even if another failed.
+
+        Every reader must get exactly one terminal event, and the slot must come back,
+        whatever the database or the accounting does.
+        """
         self.manager.forget_dirty(self)
+        try:
+            outcome, usage = await self._save(outcome, started, first_token_at, usage)
+        except Exception:  # a bug in building the outcome: the stream must still end
+            logger.exception("ending answer %s failed", self.message_id)
+            outcome, usage = _failure(ChatbotError(SAVE_FAILED_MESSAGE, code="save_failed")), None
+        await self.manager.release_slot(self.request, tokens=usage.total_tokens if usage else 0)
+        try:
+            if usage is not None:
+                await self.append(
+                    ev.USAGE,
+                    {
+                        "prompt_tokens": usage.prompt_tokens,
+                        "completion_tokens": usage.completion_tokens,
+                        "estimated": usage.estimated,
+                    },
+                )
+            await self.append(*terminal_event(outcome))
+        except Exception:  # this process's readers have it; the shared log's writer keeps retrying
+            logger.error("logging the end of answer %s failed", self.message_id, exc_info=True)
+
+    async def _save(
+        self, outcome: dict, started: float, first_token_at: float | None, usage: Usage | None
+    ) -> tuple[dict, Usage | None]:
+        loop = asyncio.get_running_loop()
         text = self.text
         if usage is None and (text or outcome.get("status") == Status.COMPLETE):
             usage = Usage(
@@ -186,6 +221,8 @@ class Generation:
                 completion_tokens=self.provider.count_tokens(text) if text else 0,
                 estimated=True,
             )
+        # Known before they are logged: only this generation appends to the log.
+        terminal_seq = self.last_seq + (2 if usage is not None else 1)
         fields = {
             "content": text,
             "status": outcome["status"],
@@ -195,6 +232,7 @@ class Generation:
             "duration_ms": round((loop.time() - started) * 1000, 3),
             "ttft_ms": round((first_token_at - started) * 1000, 3) if first_token_at is not None else None,
             "heartbeat_at": timezone.now(),
+            "last_seq": terminal_seq,
         }
         if usage is not None:
             fields.update(
@@ -216,7 +254,10 @@ class Generation:
             duration_ms=fields["duration_ms"],
             outcome=outcome["status"],
         )
-        await self.manager.save_outcome(self.message_id, fields, record)
+        if not await self.manager.save_outcome(self.message_id, fields, record):
+            # The client must not believe an answer is safe that the database does not hold.
+            outcome = _failure(ChatbotError(SAVE_FAILED_MESSAGE, code="save_failed", retryable=True))
+            record.outcome = Status.FAILED
         metrics.observe_answer(
             provider=record.provider,
             model=record.model,
@@ -225,19 +266,8 @@ class Generation:
             duration_ms=record.duration_ms,
             prompt_tokens=record.prompt_tokens,
             completion_tokens=record.completion_tokens,
-            error_code=fields["error_code"],
+            error_code=outcome.get("code", ""),
         )
-        if usage is not None:
-            await self.log.append(
-                self.message_id,
-                ev.USAGE,
-                {
-                    "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens,
-                    "estimated": usage.estimated,
-                },
-            )
-        await self.log.append(self.message_id, *terminal_event(outcome))
         logger.info(
             "answer message=%s conversation=%s provider=%s model=%s outcome=%s prompt_tokens=%s "
             "completion_tokens=%s estimated=%s ttft_ms=%s duration_ms=%s",
@@ -252,9 +282,18 @@ class Generation:
             fields["ttft_ms"],
             fields["duration_ms"],
         )
+        return outcome, usage
+
+
+async def _close_quietly(stream) -> None:
+    try:
+        await stream.aclose()
+    except Exception:  # a provider that fails to close must not keep the answer from ending
+        logger.warning("closing the model's stream failed", exc_info=True)
 
 
 INTERRUPTED_MESSAGE = "The server stopped while this answer was being written; the partial answer was kept."
+SAVE_FAILED_MESSAGE = "The answer could not be saved; what was shown may be incomplete after a reload."
 
 
 def _failure(error: ChatbotError) -> dict:
@@ -417,17 +456,52 @@ class GenerationManager:
             except Exception:  # the database hiccuped: the next flush or the final save will catch up
                 logger.warning("flushing %d partial answer(s) failed", len(batch), exc_info=True)
 
-    async def save_outcome(self, message_id: UUID, fields: dict, record: UsageRecord) -> None:
-        """Write an answer's outcome and usage, free its rate-limit slot; retried briefly."""
+    async def save_outcome(self, message_id: UUID, fields: dict, record: UsageRecord) -> bool:
+        """Write an answer's outcome and usage; retried briefly. False (and an ERROR) if it failed.
+
+        When the full row cannot be written, the answer is at least marked failed, so it
+        is never left `pending` for the sweep to empty.
+        """
         for attempt in range(3):
             try:
                 await self.db.run(_save_outcome, message_id, fields, record)
-                return
+                return True
             except Exception:
                 logger.warning(
                     "saving message %s failed (attempt %d)", message_id, attempt + 1, exc_info=True
                 )
                 await asyncio.sleep(0.2 * (attempt + 1))
+        logger.error(
+            "saving message %s failed; its outcome (%s, %d characters) is lost",
+            message_id,
+            fields.get("status"),
+            len(fields.get("content", "")),
+            exc_info=True,
+        )
+        try:
+            await self.db.run(_mark_save_failed, message_id, fields)
+        except Exception:
+            logger.error("marking message %s as failed did not work either", message_id, exc_info=True)
+        return False
+
+    async def release_slot(self, request: GenerationRequest, *, tokens: int) -> None:
+        """Give the answer's concurrency slot back and charge its tokens, off the database thread.
+
+        The limits live in the cache (Redis in a cluster): a slow or frozen cache must not
+        hold up the saves, flushes and heartbeats of every other answer.
+        """
+        if not request.client_key or not (request.holds_slot or tokens):
+            return
+        try:
+            await asyncio.to_thread(
+                rate_limiter.release, request.client_key, tokens=tokens, slot=request.holds_slot
+            )
+        except Exception:
+            logger.error(
+                "releasing the rate-limit slot of %s failed; it expires by itself",
+                request.client_key,
+                exc_info=True,
+            )
 
     def is_running(self, message_id: UUID) -> bool:
         return message_id in self._running
@@ -495,19 +569,84 @@ class GenerationManager:
                 await asyncio.sleep(1)
 
     async def _housekeeping(self) -> None:
-        """Every few seconds: tell the database our generations are alive; sweep orphans."""
+        """Every few seconds: tell the database our generations are alive; sweep orphans.
+
+        The sweep talks to the event log (Redis in a cluster) in a task of its own, so a
+        frozen Redis never holds up the heartbeat that keeps our own answers alive.
+        """
         period = max(chatbot_setting("ORPHAN_AFTER") / 3, 0.05)
+        sweep: asyncio.Task | None = None
         while True:
             try:
                 await self.heartbeat()
-                await self.db.run(_sweep_orphans, chatbot_setting("ORPHAN_AFTER"))
             except Exception:
-                logger.warning("housekeeping failed", exc_info=True)
+                logger.warning("heartbeat failed", exc_info=True)
+            if sweep is None or sweep.done():
+                sweep = _detached_task(self.sweep(), name="generation-sweep")
             await asyncio.sleep(period)
 
     async def heartbeat(self) -> None:
         if self._running:
             await self.db.run(_heartbeat, list(self._running), self.worker_id)
+
+    async def sweep(
+        self,
+        *,
+        older_than: float | None = None,
+        message_id: UUID | None = None,
+        outcome: dict | None = None,
+    ) -> int:
+        """End answers whose worker went quiet for `older_than` seconds, as `interrupted`.
+
+        Each is claimed in the database first (one sweeper wins), then its text is taken
+        from the event log when the log holds more than the last flush, the log gets its
+        terminal event (readers anywhere end), and its slot is given back.
+        """
+        older_than = chatbot_setting("ORPHAN_AFTER") if older_than is None else older_than
+        try:
+            outcome = outcome or ORPHANED_OUTCOME
+            orphans = await self.db.run(_claim_orphans, older_than, message_id, list(self._running), outcome)
+        except Exception:
+            logger.warning("sweeping orphaned answers failed", exc_info=True)
+            return 0
+        for orphan in orphans:
+            await self._close_orphan(orphan, outcome)
+        if orphans:
+            logger.warning("marked %d orphaned answer(s) as interrupted", len(orphans))
+        return len(orphans)
+
+    async def _close_orphan(self, orphan: dict, outcome: dict) -> None:
+        message_id = orphan["id"]
+        content = orphan["content"]
+        try:
+            logged = await self.log.text(message_id)
+            if logged and len(logged) > len(content):
+                content = logged  # what readers of the log saw, beyond the last flush
+            last_seq = await self.log.close_abandoned(message_id, *terminal_event(outcome))
+        except Exception:  # the readers' own liveness checks end them from the database
+            logger.warning("closing the event log of orphan %s failed", message_id, exc_info=True)
+            last_seq = None
+        tokens = 0
+        if content:
+            from .providers import get_provider
+
+            tokens = get_provider().count_tokens(content)
+        try:
+            await self.db.run(_finish_orphan, orphan, outcome["status"], content, last_seq, tokens)
+        except Exception:
+            logger.error("saving orphan %s failed", message_id, exc_info=True)
+        await self.release_slot(
+            GenerationRequest(
+                message_id=message_id,
+                conversation_id=orphan["conversation_id"],
+                prompt=[],
+                max_tokens=0,
+                temperature=0,
+                client_key=orphan["client_key"],
+                holds_slot=orphan["holds_slot"],
+            ),
+            tokens=tokens,
+        )
 
 
 def _detached_task(coroutine, *, name: str) -> asyncio.Task:
@@ -551,11 +690,23 @@ def _partials_sql(connection) -> str:
 
 def _save_outcome(message_id: UUID, fields: dict, record: UsageRecord) -> None:
     with transaction.atomic():
-        Message.objects.filter(pk=message_id).update(**fields)
-        if not UsageRecord.objects.filter(message_id=message_id).exists():
-            record.save()
-    if record.client_key:
-        rate_limiter.release(record.client_key, tokens=record.total_tokens)
+        if not Message.objects.filter(pk=message_id).update(**fields):
+            # Deleted meanwhile (with its conversation): the usage is still charged.
+            record.message_id = None
+        elif UsageRecord.objects.filter(message_id=message_id).exists():
+            return
+        record.save()
+
+
+def _mark_save_failed(message_id: UUID, fields: dict) -> None:
+    Message.objects.filter(pk=message_id, status__in=Message.LIVE_STATUSES).update(
+        status=Status.FAILED,
+        finish_reason="error",
+        error_code="save_failed",
+        error_message=SAVE_FAILED_MESSAGE,
+        heartbeat_at=timezone.now(),
+        last_seq=fields.get("last_seq"),
+    )
 
 
 def _heartbeat(message_ids: list[UUID], worker: str) -> None:
@@ -564,23 +715,82 @@ def _heartbeat(message_ids: list[UUID], worker: str) -> None:
     )
 
 
-def _sweep_orphans(older_than: float) -> int:
+ORPHANED_OUTCOME = {
+    "status": Status.INTERRUPTED,
+    "code": "interrupted",
+    "message": INTERRUPTED_MESSAGE,
+    "retryable": True,
+    "finish_reason": "error",
+}
+
+
+STOPPED_OUTCOME = {"status": Status.STOPPED, "finish_reason": "stopped"}
+
+
+def _claim_orphans(
+    older_than: float, message_id: UUID | None, running: list[UUID], outcome: dict
+) -> list[dict]:
+    """Mark live answers whose heartbeat is older than `older_than` as interrupted; return them.
+
+    Each row is claimed by a conditional update, so of several sweepers (workers, readers)
+    exactly one goes on to close it. Answers this process runs are never claimed.
+    """
     cutoff = timezone.now() - timedelta(seconds=older_than)
-    count = Message.objects.filter(status__in=Message.LIVE_STATUSES, heartbeat_at__lt=cutoff).update(
-        status=Status.INTERRUPTED,
-        error_code="interrupted",
-        error_message=INTERRUPTED_MESSAGE,
-        finish_reason="error",
-    )
-    if count:
-        logger.warning("marked %d orphaned answer(s) as interrupted", count)
-    return count
+    candidates = Message.objects.filter(status__in=Message.LIVE_STATUSES, heartbeat_at__lt=cutoff)
+    if message_id is not None:
+        candidates = candidates.filter(pk=message_id)
+    claimed = []
+    for row in candidates.exclude(pk__in=running).values(
+        "id",
+        "content",
+        "client_key",
+        "holds_slot",
+        "conversation_id",
+        "conversation__user_id",
+        "conversation__session_key",
+        "provider",
+        "model",
+    )[:500]:
+        won = Message.objects.filter(
+            pk=row["id"], status__in=Message.LIVE_STATUSES, heartbeat_at__lt=cutoff
+        ).update(
+            status=outcome["status"],
+            error_code=outcome.get("code", ""),
+            error_message=outcome.get("message", ""),
+            finish_reason=outcome["finish_reason"],
+            heartbeat_at=timezone.now(),
+            holds_slot=False,
+        )
+        if won:
+            claimed.append(row)
+    return claimed
+
+
+def _finish_orphan(orphan: dict, status: str, content: str, last_seq: int | None, tokens: int) -> None:
+    with transaction.atomic():
+        updates: dict = {"completion_tokens": tokens, "tokens_estimated": True}
+        if content != orphan["content"]:
+            updates["content"] = content
+        if last_seq is not None:
+            updates["last_seq"] = last_seq
+        Message.objects.filter(pk=orphan["id"]).update(**updates)
+        if not UsageRecord.objects.filter(message_id=orphan["id"]).exists():
+            UsageRecord.objects.create(
+                message_id=orphan["id"],
+                user_id=orphan["conversation__user_id"],
+                session_key=orphan["conversation__session_key"] or "",
+                client_key=orphan["client_key"],
+                provider=orphan["provider"],
+                model=orphan["model"],
+                completion_tokens=tokens,
+                estimated=True,
+                outcome=status,
+            )
 
 
 async def sweep_orphans(*, older_than: float | None = None) -> int:
     """Mark live messages whose worker has not reported for a while as `interrupted`."""
-    older_than = chatbot_setting("ORPHAN_AFTER") if older_than is None else older_than
-    return await get_manager().db.run(_sweep_orphans, older_than)
+    return await get_manager().sweep(older_than=older_than)
 
 
 _manager: GenerationManager | None = None

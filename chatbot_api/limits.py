@@ -77,8 +77,14 @@ class RateLimiter:
             )
         )
 
-    def acquire(self, client_key: str, user_id: int | None) -> None:
-        """Count a new answer, or raise `RateLimited` naming the limit; takes a stream slot."""
+    def acquire(self, client_key: str, user_id: int | None) -> bool:
+        """Count a new answer, or raise `RateLimited` naming the limit.
+
+        Returns whether a stream slot was taken (the concurrency limit is on), which
+        `release()` must then give back. The concurrency limit is checked before the
+        per-minute one: a request refused because too many answers run at once must not
+        spend the minute's budget.
+        """
         limits = self.limits_for(user_id)
         now = self.clock()
         if limits.tokens_per_day:
@@ -89,16 +95,7 @@ class RateLimiter:
                     limit="tokens_per_day",
                     retry_after=_seconds_to_midnight(now),
                 )
-        if limits.requests_per_minute:
-            window = int(now // 60)
-            key = f"chatbot:rl:req:{client_key}:{window}"
-            cache.add(key, 0, timeout=120)
-            if cache.incr(key) > limits.requests_per_minute:
-                raise RateLimited(
-                    f"Too many requests: the limit is {limits.requests_per_minute} a minute.",
-                    limit="requests_per_minute",
-                    retry_after=(window + 1) * 60 - now,
-                )
+        holds_slot = False
         if limits.concurrent_streams:
             key = self._streams_key(client_key)
             cache.add(key, 0, timeout=self._slot_ttl())
@@ -111,19 +108,38 @@ class RateLimiter:
                     retry_after=5,
                 )
             cache.touch(key, self._slot_ttl())
+            holds_slot = True
+        if limits.requests_per_minute:
+            window = int(now // 60)
+            key = f"chatbot:rl:req:{client_key}:{window}"
+            cache.add(key, 0, timeout=120)
+            if cache.incr(key) > limits.requests_per_minute:
+                if holds_slot:
+                    self.release(client_key)
+                raise RateLimited(
+                    f"Too many requests: the limit is {limits.requests_per_minute} a minute.",
+                    limit="requests_per_minute",
+                    retry_after=(window + 1) * 60 - now,
+                )
+        return holds_slot
 
-    def release(self, client_key: str, *, tokens: int = 0) -> None:
-        """An answer ended: free its stream slot and charge its tokens to today's quota."""
-        key = self._streams_key(client_key)
-        try:
-            if cache.decr(key) < 0:
-                cache.set(key, 0, timeout=self._slot_ttl())
-        except ValueError:  # the slot expired meanwhile
-            pass
+    def release(self, client_key: str, *, tokens: int = 0, slot: bool = True) -> None:
+        """An answer ended: free its stream slot (if it held one) and charge its tokens."""
+        if slot:
+            key = self._streams_key(client_key)
+            try:
+                if cache.decr(key) < 0:
+                    cache.set(key, 0, timeout=self._slot_ttl())
+            except ValueError:  # the slot expired meanwhile
+                pass
         if tokens:
             tokens_key = self._tokens_key(client_key, self.clock())
             cache.add(tokens_key, 0, timeout=2 * 86400)
             cache.incr(tokens_key, tokens)
+
+    def streams_in_use(self, client_key: str) -> int:
+        """Stream slots counted for this client now (tests and the fault suite check for leaks)."""
+        return cache.get(self._streams_key(client_key), 0)
 
     def tokens_used_today(self, client_key: str) -> int:
         return cache.get(self._tokens_key(client_key, self.clock()), 0)

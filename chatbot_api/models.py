@@ -70,6 +70,13 @@ class Message(models.Model):
     # marks `streaming` messages whose owner went quiet as `interrupted`.
     worker = models.CharField(max_length=128, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Whom the answer is charged to, and whether it holds a concurrency slot: whoever
+    # ends it (its worker, or the sweep after that worker died) gives the slot back.
+    client_key = models.CharField(max_length=128, blank=True)
+    holds_slot = models.BooleanField(default=False)
+    # The seq of the answer's terminal event, once it ended: a resume at or past it has
+    # nothing left to read, and events rebuilt from the database keep the log's numbering.
+    last_seq = models.PositiveIntegerField(null=True, blank=True)
 
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)

@@ -16,10 +16,21 @@ class StrictCharField(serializers.CharField):
         return super().to_internal_value(data)
 
 
+class StrictBooleanField(serializers.BooleanField):
+    """A BooleanField that takes only JSON's true and false, not "yes", 1 or "on"."""
+
+    default_error_messages = {"invalid": "Must be true or false."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("invalid")
+        return data
+
+
 class ChatRequestSerializer(serializers.Serializer):
     message = StrictCharField(max_length=1000)
     session_id = StrictCharField(max_length=100, required=False, allow_blank=True, allow_null=True)
-    streaming = serializers.BooleanField(required=False, default=False)
+    streaming = StrictBooleanField(required=False, default=False)
 
 
 class TokenUsageSerializer(serializers.Serializer):

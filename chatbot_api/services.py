@@ -8,9 +8,11 @@ with `follow_events()`: one flow, several views of it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 
 from asgiref.sync import sync_to_async
@@ -20,14 +22,15 @@ from django.utils import timezone
 from . import events as ev
 from . import metrics
 from .conf import chatbot_setting
-from .errors import ChatbotError, unavailable_error
-from .eventlog import KEEPALIVE, LogNotFound
-from .generation import EarlyStream, GenerationRequest, get_manager, terminal_event
+from .errors import UNAVAILABLE_ERRORS, ChatbotError, unavailable_error
+from .eventlog import KEEPALIVE, LogGap, LogNotFound
+from .generation import STOPPED_OUTCOME, EarlyStream, GenerationRequest, get_manager, terminal_event
 from .limits import RateLimited, rate_limiter
 from .models import Conversation, Message
 from .providers import Provider, get_provider
 from .selectors import Owner, conversation_context, conversation_get, message_get
 
+logger = logging.getLogger("chatbot.services")
 Status = Message.Status
 # Chat-template overhead of one message (role markers, separators), in tokens.
 MESSAGE_OVERHEAD_TOKENS = 4
@@ -108,11 +111,11 @@ async def _start_answer(
     saved, so the model's time to first token and the database's writes overlap. Should
     the save fail, the request is cancelled and nothing is left running.
     """
-    await _acquire_slot(owner)
+    holds_slot = await _acquire_slot(owner)
     max_tokens, temperature = chatbot_setting("MAX_TOKENS"), chatbot_setting("TEMPERATURE")
     stream = EarlyStream(provider.stream(prompt, max_tokens=max_tokens, temperature=temperature))
     try:
-        conversation, user_message, assistant_message = await _create_or_release(owner, create)
+        conversation, user_message, assistant_message = await _create_or_release(owner, create, holds_slot)
     except BaseException:
         await asyncio.shield(stream.aclose())
         raise
@@ -121,7 +124,7 @@ async def _start_answer(
         await manager.log.open(assistant_message.id)
     except BaseException as error:  # saved but never started: say so, and free the slot
         await asyncio.shield(stream.aclose())
-        await asyncio.shield(_fail_unstarted(owner, assistant_message, error))
+        await asyncio.shield(_fail_unstarted(owner, assistant_message, error, holds_slot))
         raise
     metrics.CHAT_REQUESTS.labels(transport).inc()
     manager.start(
@@ -134,6 +137,7 @@ async def _start_answer(
             client_key=owner.rate_key,
             user_id=owner.user_id,
             session_key=owner.session_key or "",
+            holds_slot=holds_slot,
         ),
         provider=provider,
         stream=stream,
@@ -142,16 +146,16 @@ async def _start_answer(
 
 
 @sync_to_async
-def _acquire_slot(owner: Owner) -> None:
+def _acquire_slot(owner: Owner) -> bool:
     try:
-        rate_limiter.acquire(owner.rate_key, owner.user_id)
+        return rate_limiter.acquire(owner.rate_key, owner.user_id)
     except RateLimited as error:
         metrics.RATE_LIMITED.labels(error.limit).inc()
         raise
 
 
 @sync_to_async
-def _fail_unstarted(owner: Owner, answer: Message, error: BaseException) -> None:
+def _fail_unstarted(owner: Owner, answer: Message, error: BaseException, holds_slot: bool) -> None:
     failure = unavailable_error(error) or ChatbotError("The answer could not be started.", code="internal")
     Message.objects.filter(pk=answer.pk).update(
         status=Status.FAILED,
@@ -159,22 +163,18 @@ def _fail_unstarted(owner: Owner, answer: Message, error: BaseException) -> None
         error_message=failure.message,
         finish_reason="error",
         heartbeat_at=timezone.now(),
+        holds_slot=False,
     )
-    rate_limiter.release(owner.rate_key)
+    rate_limiter.release(owner.rate_key, slot=holds_slot)
 
 
 @sync_to_async
-def _create_or_release(owner: Owner, create):
+def _create_or_release(owner: Owner, create, holds_slot: bool):
     """Run `create`; give the rate-limit slot back if it fails."""
     try:
-        return create()
+        return create(client_key=owner.rate_key, holds_slot=holds_slot)
     except BaseException:
-        rate_limiter.release(owner.rate_key)
-        raise
-    try:
-        return create()
-    except BaseException:
-        rate_limiter.release(owner.rate_key)
+        rate_limiter.release(owner.rate_key, slot=holds_slot)
         raise
 
 
@@ -210,23 +210,35 @@ async def build_prompt(
     return [*prompt, *history, {"role": "user", "content": text}]
 
 
-def _create_turn(*, owner: Owner, conversation: Conversation | None, text: str, provider: Provider):
+def _create_turn(*, owner: Owner, conversation: Conversation | None, text: str, provider: Provider, **charge):
     with transaction.atomic():
         if conversation is None:
             conversation = Conversation.objects.create(title=_title(text), **owner.create_kwargs)
         user_message = Message.objects.create(
             conversation=conversation, role=Message.Role.USER, content=text, status=Status.COMPLETE
         )
-        return conversation, user_message, _create_answer(conversation, provider)
+        return conversation, user_message, _create_answer(conversation, provider, **charge)
 
 
-def _replace_answer(*, old_answer: Message, question: Message, provider: Provider):
+def _replace_answer(*, old_answer: Message, question: Message, provider: Provider, **charge):
     with transaction.atomic():
-        old_answer.delete()
-        return old_answer.conversation, question, _create_answer(old_answer.conversation, provider)
+        # Locked and deleted only if it is still there and finished: of concurrent
+        # regenerates (on any worker, any database) one wins, the others get 409.
+        locked = (
+            Message.objects.select_for_update()
+            .filter(pk=old_answer.pk)
+            .exclude(status__in=Message.LIVE_STATUSES)
+            .first()
+        )
+        if locked is None:
+            raise ChatbotError("This answer is already being regenerated.", code="conflict", status_code=409)
+        locked.delete()
+        return old_answer.conversation, question, _create_answer(old_answer.conversation, provider, **charge)
 
 
-def _create_answer(conversation: Conversation, provider: Provider) -> Message:
+def _create_answer(
+    conversation: Conversation, provider: Provider, *, client_key: str, holds_slot: bool
+) -> Message:
     """A pending answer (inside the caller's transaction); touches the conversation's `updated_at`."""
     now = timezone.now()
     Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
@@ -238,6 +250,8 @@ def _create_answer(conversation: Conversation, provider: Provider) -> Message:
         model=provider.model_id,
         worker=get_manager().worker_id,
         heartbeat_at=now,
+        client_key=client_key,
+        holds_slot=holds_slot,
     )
 
 
@@ -249,7 +263,9 @@ def _title(text: str) -> str:
 async def follow_events(*, message: Message, after: int = 0) -> AsyncIterator:
     """The message's events after `after`, live until the terminal one; `KEEPALIVE` when idle.
 
-    With `CANCEL_ON_DISCONNECT`, a reader that leaves before the end stops the answer.
+    Ends with exactly one terminal event, whatever happens to the answer's worker or to
+    the shared log, or with none when `after` is already at or past the end. With
+    `CANCEL_ON_DISCONNECT`, a reader that leaves before the end stops the answer.
     """
     finished = False
     events = _message_events(message=message, after=after)
@@ -265,71 +281,182 @@ async def follow_events(*, message: Message, after: int = 0) -> AsyncIterator:
             get_manager().stop_soon(message.id)
 
 
+# An answer saved this recently may still be on its way into the log: don't end it for the log yet.
+SETTLE_SECONDS = 2.0
+
+
+class _EndFromDatabase(Exception):
+    """The log will not end by itself: finish the reader from the saved message."""
+
+
 async def _message_events(*, message: Message, after: int) -> AsyncIterator:
-    log = get_manager().log
-    reader = log.read(message.id, after=after, keepalive=chatbot_setting("KEEPALIVE_INTERVAL"))
+    manager = get_manager()
+    log = manager.log
+    keepalive = chatbot_setting("KEEPALIVE_INTERVAL")
+    # A silent reader checks this often that the answer's worker is still alive.
+    check_every = min(keepalive, max(chatbot_setting("ORPHAN_AFTER") / 3, 0.05))
+    clock = asyncio.get_running_loop().time
+    last_sent = clock()
+    position = after
     try:
-        async with aclosing(reader):
-            async for item in reader:
-                yield item
-        return
-    except LogNotFound:
+        while True:
+            try:
+                reader = log.read(message.id, after=position, keepalive=check_every)
+                async with aclosing(reader):
+                    async for item in reader:
+                        if item is KEEPALIVE:
+                            if await _log_is_abandoned(message.id, manager):
+                                raise _EndFromDatabase
+                            if clock() - last_sent >= keepalive * 0.9:
+                                last_sent = clock()
+                                yield KEEPALIVE
+                            continue
+                        position = item.seq
+                        last_sent = clock()
+                        yield item
+                        if item.is_terminal:
+                            return
+                return  # at or past the end of an ended log
+            except LogNotFound:
+                pass
+            if not await _log_may_come_back(message.id, manager):
+                break
+            await asyncio.sleep(check_every)
+            if clock() - last_sent >= keepalive * 0.9:
+                last_sent = clock()
+                yield KEEPALIVE
+    except _EndFromDatabase:
         pass
-    # No log in this process (expired, or the server restarted): rebuild from the database.
+    except MessageGone:
+        yield ev.Event.for_reader(
+            "message_not_found", "This answer was deleted.", message.id, retryable=False
+        )
+        return
+    except (LogGap, *UNAVAILABLE_ERRORS) as error:
+        logger.warning("reader of %s ended: %s: %s", message.id, error.__class__.__name__, error)
+        yield ev.Event.for_reader(
+            "server_busy", "The answer's event stream is unreachable for now; resume shortly.", message.id
+        )
+        return
+    # No log (expired, or lost with its worker), or one that will never end: the database has it.
     await message.arefresh_from_db()
-    for event in stored_events(message, after=after):
+    for event in stored_events(message, after=position):
         yield event
 
 
-def stored_events(message: Message, *, after: int = 0) -> list[ev.Event]:
-    """Events rebuilt from a saved message whose log is gone.
+class MessageGone(LookupError):
+    """The answer was deleted while a reader followed it."""
 
-    From the start (`after=0`) that is meta, the whole text as one delta, usage and
-    the terminal event. A client that had already read part of the original log only
-    gets the terminal event (sequence numbers no longer map to the saved text); it
-    re-reads the message for the saved text.
+
+async def _answer_state(message_id) -> dict:
+    row = await Message.objects.filter(pk=message_id).values("status", "heartbeat_at", "last_seq").afirst()
+    if row is None:
+        raise MessageGone(message_id)
+    return row
+
+
+def _is_stale(row: dict, seconds: float) -> bool:
+    return row["heartbeat_at"] is None or row["heartbeat_at"] < timezone.now() - timedelta(seconds=seconds)
+
+
+async def _log_is_abandoned(message_id, manager) -> bool:
+    """A silent reader's check: end the answer if its worker is gone; True if only the database can.
+
+    A live answer whose worker stopped reporting is swept (the sweep writes the terminal
+    event to the log, which this reader then reads). A saved answer whose log never got
+    its terminal event (a Redis write lost with its worker) gets it now.
     """
+    if manager.is_running(message_id):
+        return False
+    row = await _answer_state(message_id)
+    if row["status"] in Message.LIVE_STATUSES:
+        orphan_after = chatbot_setting("ORPHAN_AFTER") if manager.log.is_shared else SETTLE_SECONDS
+        if _is_stale(row, orphan_after):
+            await manager.sweep(older_than=orphan_after, message_id=message_id)
+        return False
+    if not _is_stale(row, SETTLE_SECONDS):
+        return False  # just saved: its worker is writing the end to the log
+    message = await Message.objects.aget(pk=message_id)
+    seq = await manager.log.close_abandoned(message_id, *terminal_event(stored_outcome(message)))
+    if seq is None:
+        return True
+    if seq != message.last_seq:
+        await Message.objects.filter(pk=message_id).aupdate(last_seq=seq)
+    return False
+
+
+async def _log_may_come_back(message_id, manager) -> bool:
+    """No log here: wait for it (a shared log its live worker re-creates) or end from the database."""
+    row = await _answer_state(message_id)
+    if row["status"] not in Message.LIVE_STATUSES:
+        return False
+    if manager.log.is_shared and not _is_stale(row, chatbot_setting("ORPHAN_AFTER")):
+        return True
+    # Its worker is gone (or, with a log only this process has, it is not running here).
+    await manager.sweep(older_than=0 if not manager.log.is_shared else None, message_id=message_id)
+    return False
+
+
+def stored_outcome(message: Message) -> dict:
+    """The outcome of a saved message, as `terminal_event()` takes it."""
     if message.is_live:
-        # Live in the database with no log here: its worker is gone; the sweep will mark it.
-        outcome = {"status": Status.INTERRUPTED, "code": "interrupted"}
-    else:
-        outcome = {
-            "status": message.status,
-            "finish_reason": message.finish_reason,
-            "code": message.error_code,
-            "message": message.error_message,
-            "retryable": message.status == Status.INTERRUPTED,
-        }
-    items: list[tuple[str, dict]] = [
-        (
-            ev.META,
-            {
-                "session_id": str(message.conversation_id),
-                "message_id": str(message.id),
-                "model": message.model,
-                "provider": message.provider,
-            },
-        )
-    ]
-    if message.content:
-        items.append((ev.DELTA, {"text": message.content}))
+        return {"status": Status.INTERRUPTED, "code": "interrupted"}
+    return {
+        "status": message.status,
+        "finish_reason": message.finish_reason,
+        "code": message.error_code,
+        "message": message.error_message,
+        "retryable": message.status == Status.INTERRUPTED,
+    }
+
+
+def stored_events(message: Message, *, after: int = 0) -> list[ev.Event]:
+    """Events rebuilt from a saved message whose log is gone, numbered as the log was.
+
+    The terminal event keeps its seq (`last_seq`); the text comes as one event just
+    before the usage: a `delta` for a client starting from 0, a `snapshot` (the whole
+    text, replacing what it had) for one that had read part of the log. Nothing is
+    returned at or past the end.
+    """
+    usage = None
     if message.prompt_tokens is not None:
-        items.append(
-            (
-                ev.USAGE,
-                {
-                    "prompt_tokens": message.prompt_tokens,
-                    "completion_tokens": message.completion_tokens or 0,
-                    "estimated": message.tokens_estimated,
-                },
-            )
-        )
-    items.append(terminal_event(outcome))
-    events = [ev.Event.create(seq, kind, data, message.id) for seq, (kind, data) in enumerate(items, 1)]
-    if after <= 0:
-        return events
-    terminal = events[-1]
-    return [ev.Event.create(max(after + 1, terminal.seq), terminal.type, terminal.data, message.id)]
+        usage = {
+            "prompt_tokens": message.prompt_tokens,
+            "completion_tokens": message.completion_tokens or 0,
+            "estimated": message.tokens_estimated,
+        }
+    meta = {
+        "session_id": str(message.conversation_id),
+        "message_id": str(message.id),
+        "model": message.model,
+        "provider": message.provider,
+    }
+    terminal_seq = message.last_seq or (2 + bool(message.content) + bool(usage))
+    text_seq = terminal_seq - 1 - bool(usage)
+    items: list[tuple[int, str, dict]] = [(1, ev.META, meta)]
+    if message.content and text_seq > 1:
+        items.append((text_seq, ev.DELTA if after == 0 else ev.SNAPSHOT, {"text": message.content}))
+    if usage is not None:
+        items.append((terminal_seq - 1, ev.USAGE, usage))
+    items.append((terminal_seq, *terminal_event(stored_outcome(message))))
+    return [ev.Event.create(seq, kind, data, message.id) for seq, kind, data in items if seq > after]
+
+
+async def events_after(*, message: Message, after: int) -> bool:
+    """Whether a reader resuming after `after` has anything left to read.
+
+    False only for an answer that ended and whose end the reader already has; raises
+    the log's connection errors (503) when the shared log cannot be asked.
+    """
+    manager = get_manager()
+    if message.is_live:
+        if manager.log.is_shared and not manager.is_running(message.id):
+            await manager.log.tail(message.id)  # a Redis outage answers 503 now, not a cut stream
+        return True
+    tail = await manager.log.tail(message.id)
+    if tail is not None and tail.is_terminal:
+        return after < tail.seq
+    return after < stored_events(message, after=0)[-1].seq
 
 
 async def message_stop(*, owner: Owner, message_id) -> Message:
@@ -338,19 +465,23 @@ async def message_stop(*, owner: Owner, message_id) -> Message:
     Idempotent: stopping a finished answer changes nothing and returns it as it is.
     """
     message = await message_get(owner=owner, message_id=message_id)
-    manager = get_manager()
-    if not await manager.stop(message.id) and message.is_live:
-        if await manager.log.request_stop(message.id):
-            # Another worker runs it: wait for its terminal event (the outcome is saved by then).
-            await _wait_for_end(message, timeout=STOP_WAIT)
-        await message.arefresh_from_db()
-        if message.is_live:
-            # No worker answered: it died. Close the answer as stopped, keeping its text.
-            await Message.objects.filter(pk=message.pk, status__in=Message.LIVE_STATUSES).aupdate(
-                status=Status.STOPPED, finish_reason="stopped"
-            )
+    await _stop_anywhere(message)
     await message.arefresh_from_db()
     return message
+
+
+async def _stop_anywhere(message: Message) -> None:
+    """Stop an answer on whichever worker runs it, or close it if no worker does."""
+    manager = get_manager()
+    if await manager.stop(message.id) or not message.is_live:
+        return
+    if await manager.log.request_stop(message.id):
+        # Another worker runs it: wait for its terminal event (the outcome is saved by then).
+        await _wait_for_end(message, timeout=STOP_WAIT)
+    await message.arefresh_from_db()
+    if message.is_live:
+        # No worker answered: it died. Close the answer as stopped, keeping its text.
+        await manager.sweep(older_than=0, message_id=message.id, outcome=STOPPED_OUTCOME)
 
 
 async def _wait_for_end(message: Message, *, timeout: float) -> None:
@@ -373,9 +504,7 @@ async def conversation_rename(*, owner: Owner, conversation_id, title: str) -> C
 async def conversation_delete(*, owner: Owner, conversation_id) -> None:
     """Delete a conversation, stopping any answer still being written in it."""
     conversation = await conversation_get(owner=owner, conversation_id=conversation_id)
-    manager = get_manager()
-    async for message_id in conversation.messages.filter(status__in=Message.LIVE_STATUSES).values_list(
-        "pk", flat=True
-    ):
-        await manager.stop(message_id)
+    # Stopped wherever they run first, so their usage is charged and their slots come back.
+    async for message in conversation.messages.filter(status__in=Message.LIVE_STATUSES):
+        await _stop_anywhere(message)
     await conversation.adelete()

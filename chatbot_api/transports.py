@@ -27,6 +27,8 @@ NDJSON_KEEPALIVE = b"\n"
 
 
 def sse_encode(event: Event) -> bytes:
+    if event.seq is None:  # a reader's own terminal event: Last-Event-ID stays where it was
+        return f"event: {event.type}\ndata: {event.json}\n\n".encode()
     return f"id: {event.seq}\nevent: {event.type}\ndata: {event.json}\n\n".encode()
 
 

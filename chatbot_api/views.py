@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from adrf.views import APIView as AsyncAPIView
 from asgiref.sync import sync_to_async
+from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
@@ -141,7 +142,10 @@ def _after_from(request) -> int:
         after = -1
     if after < 0:
         raise ChatbotError("`after` / Last-Event-ID must be a non-negative integer.", code="invalid")
-    return after
+    return min(after, MAX_SEQ)  # any larger value is past the end of every answer
+
+
+MAX_SEQ = 2**53
 
 
 class MessageEventsView(ApiView):
@@ -161,13 +165,20 @@ class MessageEventsView(ApiView):
             (200, "text/event-stream"): OpenApiResponse(
                 StreamEventSerializer, description=EVENTS_DESCRIPTION
             ),
+            204: OpenApiResponse(
+                description="The answer ended and the client already has its terminal event "
+                "(`after` is at or past it): nothing to read. Makes `EventSource` stop reconnecting."
+            ),
             404: OpenApiResponse(description="Unknown message, or someone else's."),
+            503: OpenApiResponse(description="The shared event log (Redis) is unreachable: retry."),
         },
     )
     async def get(self, request, message_id):
         """Replay a message's events after an offset, then follow it live to its terminal event."""
         after = _after_from(request)
         message = await selectors.message_get(owner=await owner_for(request), message_id=message_id)
+        if not await services.events_after(message=message, after=after):
+            return HttpResponse(status=status.HTTP_204_NO_CONTENT)
         return transports.sse_response(services.follow_events(message=message, after=after))
 
 

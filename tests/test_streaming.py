@@ -334,11 +334,41 @@ async def test_events_of_an_interrupted_answer_end_with_an_error(manager):
     )
 
     frames = await read_frames(await client.get(f"/api/messages/{message.id}/events"))
-    resumed = await read_frames(await client.get(f"/api/messages/{message.id}/events?after=7"))
+    past_the_end = await client.get(f"/api/messages/{message.id}/events?after=7")
 
     assert [f["event"] for _, f in frames] == ["meta", "delta", "error"]
     assert text_of(frames) == "cut" and frames[-1][1]["data"]["code"] == "interrupted"
-    assert [(f["event"], int(f["id"])) for _, f in resumed] == [("error", 8)]
+    # Nothing after the terminal event: 204, which makes EventSource stop reconnecting.
+    assert past_the_end.status_code == 204
+
+
+async def test_a_resume_of_a_saved_answer_keeps_the_log_numbering(manager):
+    client = AsyncClient()
+    await client.get("/")
+    conversation = await Conversation.objects.acreate(session_key=client.cookies["sessionid"].value)
+    message = await Message.objects.acreate(
+        conversation=conversation,
+        role="assistant",
+        status="complete",
+        content="whole answer",
+        finish_reason="stop",
+        prompt_tokens=3,
+        completion_tokens=2,
+        last_seq=9,
+    )
+    url = f"/api/messages/{message.id}/events"
+
+    fresh = await read_frames(await client.get(url))
+    resumed = await read_frames(await client.get(url, headers={"Last-Event-ID": "4"}))
+
+    assert [(f["event"], int(f["id"])) for _, f in fresh] == [
+        ("meta", 1), ("delta", 7), ("usage", 8), ("done", 9)
+    ]
+    # A client that had part of the text gets all of it once, as a snapshot that replaces its own.
+    assert [(f["event"], int(f["id"])) for _, f in resumed] == [("snapshot", 7), ("usage", 8), ("done", 9)]
+    assert resumed[0][1]["data"]["text"] == "whole answer"
+    for after in ("9", "10", "99999999999999999999"):
+        assert (await client.get(url, headers={"Last-Event-ID": after})).status_code == 204
 
 
 async def test_shutdown_saves_running_answers_as_interrupted(upstream, manager):

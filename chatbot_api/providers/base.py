@@ -11,8 +11,18 @@ must stop the model promptly and release the upstream connection.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+
+# Token counts above this are not real (a context window is far smaller): treated as missing.
+MAX_TOKEN_COUNT = 10_000_000
+# The `finish_reason` column's width; longer values from an upstream are cut.
+FINISH_REASON_LENGTH = 32
+# Characters no database column can hold: NUL (PostgreSQL refuses it) and lone surrogates
+# (not encodable as UTF-8). Replaced before anything is logged, so every reader sees the
+# same text that is saved.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +30,34 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def token_count(value) -> int | None:
+    """A token count from an upstream, or None when it is not a plausible one."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKEN_COUNT:
+        return value
+    return None
+
+
+def usage_from_counts(prompt, completion) -> Usage | None:
+    """`Usage` from raw upstream counts; None (estimate instead) unless both are plausible."""
+    prompt, completion = token_count(prompt), token_count(completion)
+    if prompt is None or completion is None:
+        return None
+    return Usage(prompt, completion)
+
+
+def storable_text(text: str) -> str:
+    """`text` with the characters a database cannot store replaced by U+FFFD."""
+    return _UNSTORABLE.sub("\ufffd", text) if _UNSTORABLE.search(text) else text
+
+
+def bounded_finish_reason(value) -> str | None:
+    return value[:FINISH_REASON_LENGTH] if isinstance(value, str) and value else None
 
 
 @dataclass(frozen=True, slots=True)

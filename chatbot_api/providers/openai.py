@@ -15,7 +15,7 @@ import openai
 from django.conf import settings
 
 from ..errors import ProviderError
-from .base import Chunk, Provider, Usage
+from .base import Chunk, Provider, bounded_finish_reason, usage_from_counts
 
 DEFAULT_MODEL = "gpt-4.1-nano"
 
@@ -122,11 +122,16 @@ def _parse_frame(line: str) -> Chunk | object | None:
         if choices:
             choice = choices[0]
             text = (choice.get("delta") or {}).get("content") or ""
-            finish_reason = choice.get("finish_reason")
-        if frame.get("usage"):
-            counts = frame["usage"]
-            usage = Usage(counts.get("prompt_tokens") or 0, counts.get("completion_tokens") or 0)
-    except (ValueError, TypeError, AttributeError, IndexError) as exc:
+            if not isinstance(text, str):
+                raise ProviderError(
+                    f"The model server sent non-text content ({type(text).__name__}).",
+                    code="upstream_protocol",
+                )
+            finish_reason = bounded_finish_reason(choice.get("finish_reason"))
+        if isinstance(counts := frame.get("usage"), dict):
+            # Implausible counts (negative, text, 10**20) are treated as missing: estimated later.
+            usage = usage_from_counts(counts.get("prompt_tokens"), counts.get("completion_tokens"))
+    except (ValueError, TypeError, AttributeError, IndexError, RecursionError) as exc:
         raise ProviderError(
             f"The model server sent a malformed stream frame ({exc.__class__.__name__}).",
             code="upstream_protocol",
