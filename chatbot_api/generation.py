@@ -476,7 +476,6 @@ class GenerationManager:
             message_id,
             fields.get("status"),
             len(fields.get("content", "")),
-            exc_info=True,
         )
         try:
             await self.db.run(_mark_save_failed, message_id, fields)
@@ -699,14 +698,21 @@ def _save_outcome(message_id: UUID, fields: dict, record: UsageRecord) -> None:
 
 
 def _mark_save_failed(message_id: UUID, fields: dict) -> None:
-    Message.objects.filter(pk=message_id, status__in=Message.LIVE_STATUSES).update(
-        status=Status.FAILED,
-        finish_reason="error",
-        error_code="save_failed",
-        error_message=SAVE_FAILED_MESSAGE,
-        heartbeat_at=timezone.now(),
-        last_seq=fields.get("last_seq"),
-    )
+    """The least an answer whose outcome could not be saved gets: failed, with its text if possible."""
+    live = Message.objects.filter(pk=message_id, status__in=Message.LIVE_STATUSES)
+    failed = {
+        "status": Status.FAILED,
+        "finish_reason": "error",
+        "error_code": "save_failed",
+        "error_message": SAVE_FAILED_MESSAGE,
+        "heartbeat_at": timezone.now(),
+        "last_seq": fields.get("last_seq"),
+    }
+    try:
+        with transaction.atomic():
+            live.update(content=fields.get("content", ""), **failed)
+    except Exception:  # the text itself may be what the database refuses
+        live.update(**failed)
 
 
 def _heartbeat(message_ids: list[UUID], worker: str) -> None:

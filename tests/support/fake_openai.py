@@ -43,7 +43,7 @@ import uvicorn
 
 from tests.support.servers import UvicornThread
 
-__all__ = ["FakeOpenAI", "FakeOpenAIServer", "RecordedRequest", "Script", "serve_forever"]
+__all__ = ["FakeOpenAI", "FakeOpenAIServer", "RecordedRequest", "Script", "chunk_frame", "serve_forever"]
 
 ASGIMessage = MutableMapping[str, Any]
 Scope = MutableMapping[str, Any]
@@ -72,6 +72,23 @@ _DEFAULT_ERRORS: dict[int, tuple[str, str, str | None]] = {
 def error_payload(message: str, type_: str = "server_error", code: str | None = None) -> dict[str, Any]:
     """Build an error body exactly as OpenAI shapes it, so SDK error parsing sees the real thing."""
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+def chunk_frame(*, content: Any = None, finish_reason: Any = None, usage: Any = None) -> bytes:
+    """One ``data:`` frame shaped like OpenAI's, carrying any values (also ones OpenAI never sends)."""
+    frame: dict[str, Any] = {
+        "id": "chatcmpl-raw",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": "fake",
+        "choices": [],
+    }
+    if content is not None or finish_reason is not None:
+        delta = {} if content is None else {"content": content}
+        frame["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    if usage is not None:
+        frame["usage"] = usage
+    return b"data: " + _dumps(frame) + b"\n\n"
 
 
 def _default_error(status: int) -> dict[str, Any]:
@@ -128,10 +145,14 @@ class Script:
     drop_after: int | None = None  # abort the socket mid-body
     error_frame_after: int | None = None  # send ``data: {"error": ...}`` and end the body (no [DONE])
     hang_after: int | None = None  # go silent until the client disconnects
+    # Sent as they are after the content chunks, before the finish frame: hostile or odd data
+    # (bad usage, non-string content, invalid UTF-8, a frame cut mid-way) in the real framing.
+    raw_frames: Sequence[bytes] = ()
 
     def __post_init__(self) -> None:
         # A tuple keeps the cached frames in sync with the chunks (a list could be mutated later).
         object.__setattr__(self, "chunks", tuple(self.chunks))
+        object.__setattr__(self, "raw_frames", tuple(self.raw_frames))
 
     @property
     def text(self) -> str:
@@ -498,6 +519,8 @@ class FakeOpenAI:
             await frame(prefix + contents[i] + tail)
             record.chunks_sent += 1
 
+        for raw in script.raw_frames:
+            await frame(raw)
         await frame(prefix + finish + tail)
         if record.include_usage and script.send_usage:
             await frame(prefix + b'],"usage":' + _dumps(self._usage(record)) + b"}\n\n")
