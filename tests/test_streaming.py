@@ -362,7 +362,10 @@ async def test_a_resume_of_a_saved_answer_keeps_the_log_numbering(manager):
     resumed = await read_frames(await client.get(url, headers={"Last-Event-ID": "4"}))
 
     assert [(f["event"], int(f["id"])) for _, f in fresh] == [
-        ("meta", 1), ("delta", 7), ("usage", 8), ("done", 9)
+        ("meta", 1),
+        ("delta", 7),
+        ("usage", 8),
+        ("done", 9),
     ]
     # A client that had part of the text gets all of it once, as a snapshot that replaces its own.
     assert [(f["event"], int(f["id"])) for _, f in resumed] == [("snapshot", 7), ("usage", 8), ("done", 9)]
