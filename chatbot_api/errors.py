@@ -80,6 +80,20 @@ class ServerBusy(ChatbotError):
         )
 
 
+class ShuttingDown(ChatbotError):
+    """This worker is shutting down: the client should go on with another one."""
+
+    status_code = 503
+    code = "server_shutdown"
+    retryable = True
+
+    def __init__(self):
+        super().__init__(
+            "This server is restarting; try again (another worker will answer).",
+            headers={"Retry-After": "1"},
+        )
+
+
 # Errors that mean "try again later" (an empty connection pool after its timeout, a refused
 # connection), answered 503 `server_busy` instead of a 500 that reads as a bug.
 UNAVAILABLE_ERRORS = (OperationalError, RedisConnectionError, RedisTimeoutError)
@@ -113,6 +127,8 @@ STATUS_BY_CODE = {
     "upstream_timeout": 504,
     "interrupted": 503,
     "server_busy": 503,
+    "server_shutdown": 503,
+    "save_failed": 500,
 }
 
 

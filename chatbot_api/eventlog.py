@@ -98,22 +98,41 @@ class _Stream:
     # Replaced on every append: readers wait on the current one, the append sets it.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     expires_at: float | None = None
+    # Readers see the first `visible` events; None: all of them (see `InMemoryEventLog.reveal`).
+    visible: int | None = None
 
 
 class InMemoryEventLog(EventLog):
-    """Event logs in this process's memory; finished logs expire after `ttl` seconds."""
+    """Event logs in this process's memory; finished logs expire after `ttl` seconds.
+
+    With `gated=True` readers see an event only once `reveal()` says so: a shared log
+    shows its own process's readers only what is already safe in the shared store, so a
+    client of a worker that is killed never saw text that the cluster lost.
+    """
 
     clock = staticmethod(time.monotonic)
     purge_every = 60.0
 
-    def __init__(self, *, ttl: float):
+    def __init__(self, *, ttl: float, gated: bool = False):
         self.ttl = ttl
+        self.gated = gated
         self._streams: dict[UUID, _Stream] = {}
         self._next_purge = 0.0
 
     async def open(self, message_id: UUID) -> None:
         self._purge_expired()
-        self._streams.setdefault(message_id, _Stream())
+        self._streams.setdefault(message_id, _Stream(visible=0 if self.gated else None))
+
+    def reveal(self, message_id: UUID, seq: int | None = None) -> None:
+        """Let readers see the events up to `seq` (all of them when None)."""
+        stream = self._streams.get(message_id)
+        if stream is None or stream.visible is None:
+            return
+        visible = len(stream.events) if seq is None else min(seq, len(stream.events))
+        if visible > stream.visible:
+            stream.visible = visible
+            waiters, stream.changed = stream.changed, asyncio.Event()
+            waiters.set()
 
     async def append(self, message_id: UUID, type: str, data: dict) -> Event:
         stream = self._streams.get(message_id)
@@ -125,8 +144,9 @@ class InMemoryEventLog(EventLog):
         stream.events.append((data["text"], event.json) if type == DELTA and len(data) == 1 else event)
         if event.is_terminal:
             stream.expires_at = self.clock() + self.ttl
-        waiters, stream.changed = stream.changed, asyncio.Event()
-        waiters.set()
+        if stream.visible is None:
+            waiters, stream.changed = stream.changed, asyncio.Event()
+            waiters.set()
         return event
 
     async def read(
@@ -138,7 +158,7 @@ class InMemoryEventLog(EventLog):
         position = max(after, 0)
         while True:
             events = stream.events
-            while position < len(events):
+            while position < (len(events) if stream.visible is None else stream.visible):
                 event = events[position]
                 position += 1
                 if not isinstance(event, Event):
@@ -146,8 +166,8 @@ class InMemoryEventLog(EventLog):
                 yield event
                 if event.is_terminal:
                     return
-            if stream.expires_at is not None:  # ended, and the reader is at or past its end
-                return
+            if stream.expires_at is not None and position >= len(events):
+                return  # ended, and the reader is at or past its end
             changed = stream.changed
             try:
                 async with asyncio.timeout(keepalive):

@@ -71,7 +71,7 @@ class RedisEventLog(EventLog):
         self.ttl = max(int(ttl), 1)
         self.max_age = max(int(max_age), self.ttl)
         # The events of this process's generations, numbered here (only this process appends).
-        self._local = InMemoryEventLog(ttl=min(self.local_ttl, self.ttl))
+        self._local = InMemoryEventLog(ttl=min(self.local_ttl, self.ttl), gated=True)
         # redis.asyncio clients belong to the event loop that made them: (commands, readers).
         self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._writers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> _Writer
@@ -114,9 +114,12 @@ class RedisEventLog(EventLog):
         A terminal event returns once it is in Redis, so other processes see the end.
         """
         event = await self._local.append(message_id, type, data)  # LogNotFound unless opened here
-        written = self._writer().add(
+        writer = self._writer()
+        written = writer.add(
             message_id, self._key(message_id), event, expire=self.ttl if event.is_terminal else None
         )
+        if writer.degraded:  # Redis is failing or slow: this process's readers must not wait for it
+            self._local.reveal(message_id)
         if event.is_terminal:
             try:
                 await asyncio.wait_for(asyncio.shield(written), self.terminal_wait)
@@ -129,7 +132,7 @@ class RedisEventLog(EventLog):
         writer = self._writers.get(loop)
         if writer is None:
             writer = self._writers[loop] = _Writer(
-                self._redis, self._seed_events, ttl=self.ttl, max_age=self.max_age
+                self._redis, self._seed_events, self._local.reveal, ttl=self.ttl, max_age=self.max_age
             )
         return writer
 
@@ -298,10 +301,16 @@ class _Writer:
     """
 
     max_backoff = 2.0
+    # This process's readers see an event once Redis has it, or after this long if Redis
+    # is slow or down (then at once, until a write succeeds again): durability when Redis
+    # is healthy, never a stall when it is not.
+    visibility_wait = 0.1
 
-    def __init__(self, redis, seed_events, *, ttl: int, max_age: int):
+    def __init__(self, redis, seed_events, reveal, *, ttl: int, max_age: int):
         self._redis = redis
         self._seed_events = seed_events
+        self._reveal = reveal
+        self.degraded = False
         self._ttl = ttl
         self._max_age = max_age
         self._pending: list[tuple[UUID, str, Event, int | None]] = []
@@ -323,13 +332,17 @@ class _Writer:
 
     async def _run(self) -> None:
         backoff = 0.1
+        loop = asyncio.get_running_loop()
         while self._pending:
             await asyncio.sleep(0)  # let this loop iteration's other appends join the batch
             batch, self._pending = self._pending, []
             done, self._batch_done = self._batch_done, None
+            slow = loop.call_later(self.visibility_wait, self._degrade, batch)
             try:
                 await self._write(batch)
             except Exception:  # readers here are unaffected; keep the batch and try again
+                slow.cancel()
+                self._degrade(batch)
                 logger.error("copying %d event(s) to Redis failed; retrying", len(batch), exc_info=True)
                 self._pending[:0] = batch
                 if self._batch_done is None:
@@ -339,8 +352,21 @@ class _Writer:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
             else:
+                slow.cancel()
                 backoff = 0.1
+                if self.degraded:
+                    logger.warning("Redis takes the event logs again")
+                self.degraded = False
+                for message_id, _key, event, _expire in batch:
+                    self._reveal(message_id, event.seq)
                 _settle(done)
+
+    def _degrade(self, batch) -> None:
+        if not self.degraded:
+            logger.warning("Redis is slow or down: readers here no longer wait for it")
+        self.degraded = True
+        for message_id, *_ in batch:
+            self._reveal(message_id)
 
     async def _write(self, batch: list[tuple[UUID, str, Event, int | None]]) -> None:
         async with self._redis().pipeline(transaction=True) as pipe:

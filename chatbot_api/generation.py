@@ -415,6 +415,10 @@ class GenerationManager:
         self._stop_listener: asyncio.Task | None = None
         # Counts batch writes, for the "writes per answer" benchmark and tests.
         self.flush_count = 0
+        # Set when the server starts to shut down: readers of answers that do not run here
+        # end at once (they resume on another worker), new answers are refused.
+        self.stopping = asyncio.Event()
+        self._drain: asyncio.Task | None = None
 
     def start(
         self, request: GenerationRequest, *, provider: Provider, stream: AsyncIterator[Chunk]
@@ -525,7 +529,19 @@ class GenerationManager:
         if message_id in self._running:
             _detached_task(self.stop(message_id), name=f"stop-{message_id}")
 
-    async def shutdown(self, *, grace: float | None = None) -> None:
+    def begin_shutdown(self) -> None:
+        """The server was told to stop: start draining now, while clients are still connected.
+
+        The ASGI server waits for open responses before it sends the lifespan shutdown, so
+        waiting for that would let a long answer hold the process for minutes. Readers of
+        answers running here get them (or their `interrupted` end after the grace period);
+        other readers end at once with a retryable `server_shutdown`.
+        """
+        if self._drain is None:
+            self.stopping.set()
+            self._drain = _detached_task(self._finish_running(), name="generation-drain")
+
+    async def _finish_running(self, grace: float | None = None) -> None:
         """Let running answers finish for `grace` seconds, then save the rest as interrupted."""
         grace = chatbot_setting("SHUTDOWN_GRACE") if grace is None else grace
         tasks = {g.task for g in self._running.values() if g.task is not None}
@@ -535,6 +551,13 @@ class GenerationManager:
             *(self.stop(message_id, reason="interrupted") for message_id in list(self._running)),
             return_exceptions=True,
         )
+
+    async def shutdown(self, *, grace: float | None = None) -> None:
+        """Drain (unless a signal already started it), then stop the background tasks."""
+        if self._drain is None:
+            self.stopping.set()
+            self._drain = _detached_task(self._finish_running(grace), name="generation-drain")
+        await self._drain
         for attribute in ("_flusher", "_housekeeper", "_stop_listener"):
             task = getattr(self, attribute)
             if task is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import signal
+import threading
 
 from .generation import get_manager, sweep_orphans
 from .providers import get_provider
@@ -23,6 +26,28 @@ def _freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def _drain_on_signal(begin_shutdown) -> None:
+    """Start draining as soon as the server is told to stop, not when it sends `lifespan.shutdown`.
+
+    The ASGI server (uvicorn, daphne) sends that only after every open response ended, so
+    a stream would hold the process until its answer finished. The server's own handler
+    of SIGTERM/SIGINT still runs first; ours only adds the drain.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals reach the main thread only (a server in a thread: tests)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+        if not callable(previous):
+            continue  # no server handler to add to: leave the default behaviour alone
+
+        def handler(number, frame, previous=previous):
+            previous(number, frame)
+            loop.call_soon_threadsafe(begin_shutdown)
+
+        signal.signal(signum, handler)
+
+
 class LifespanMiddleware:
     """Handles `lifespan` scopes (Django does not) and passes everything else through."""
 
@@ -38,6 +63,7 @@ class LifespanMiddleware:
                 try:
                     await sweep_orphans()
                     get_manager().ensure_housekeeping()
+                    _drain_on_signal(get_manager().begin_shutdown)
                     _freeze_startup_objects()
                 except Exception as exc:  # a start-up failure must be visible, not a hang
                     logger.exception("start-up failed")

@@ -8,6 +8,7 @@ with `follow_events()`: one flow, several views of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -22,7 +23,7 @@ from django.utils import timezone
 from . import events as ev
 from . import metrics
 from .conf import chatbot_setting
-from .errors import UNAVAILABLE_ERRORS, ChatbotError, unavailable_error
+from .errors import UNAVAILABLE_ERRORS, ChatbotError, ShuttingDown, unavailable_error
 from .eventlog import KEEPALIVE, LogGap, LogNotFound
 from .generation import STOPPED_OUTCOME, EarlyStream, GenerationRequest, get_manager, terminal_event
 from .limits import RateLimited, rate_limiter
@@ -111,6 +112,8 @@ async def _start_answer(
     saved, so the model's time to first token and the database's writes overlap. Should
     the save fail, the request is cancelled and nothing is left running.
     """
+    if get_manager().stopping.is_set():
+        raise ShuttingDown()
     holds_slot = await _acquire_slot(owner)
     max_tokens, temperature = chatbot_setting("MAX_TOKENS"), chatbot_setting("TEMPERATURE")
     stream = EarlyStream(provider.stream(prompt, max_tokens=max_tokens, temperature=temperature))
@@ -302,6 +305,9 @@ async def _message_events(*, message: Message, after: int) -> AsyncIterator:
         while True:
             try:
                 reader = log.read(message.id, after=position, keepalive=check_every)
+                if not manager.is_running(message.id):
+                    # Nothing here will end this reader when the server stops: the race will.
+                    reader = _until_stopping(reader, manager.stopping)
                 async with aclosing(reader):
                     async for item in reader:
                         if item is KEEPALIVE:
@@ -325,6 +331,11 @@ async def _message_events(*, message: Message, after: int) -> AsyncIterator:
             if clock() - last_sent >= keepalive * 0.9:
                 last_sent = clock()
                 yield KEEPALIVE
+    except _Stopping:
+        yield ev.Event.for_reader(
+            "server_shutdown", "This server is restarting; resume the answer to go on reading it.", message.id
+        )
+        return
     except _EndFromDatabase:
         pass
     except MessageGone:
@@ -342,6 +353,38 @@ async def _message_events(*, message: Message, after: int) -> AsyncIterator:
     await message.arefresh_from_db()
     for event in stored_events(message, after=position):
         yield event
+
+
+class _Stopping(Exception):
+    """This worker is shutting down."""
+
+
+async def _until_stopping(reader: AsyncIterator, stopping: asyncio.Event) -> AsyncIterator:
+    """`reader`'s items until `stopping` is set, then `_Stopping`.
+
+    Only for readers of answers that run elsewhere (rare): a task per item would cost
+    every local stream CPU per token; those end with their generation anyway.
+    """
+    if stopping.is_set():
+        raise _Stopping
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        async with aclosing(reader):
+            while True:
+                item = asyncio.ensure_future(anext(reader))
+                await asyncio.wait({item, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not item.done():
+                    item.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                        await item
+                    raise _Stopping
+                try:
+                    value = item.result()
+                except StopAsyncIteration:
+                    return
+                yield value
+    finally:
+        stop.cancel()
 
 
 class MessageGone(LookupError):
