@@ -110,7 +110,7 @@ class Worker:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Worker:
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 (kept open for the process's life)
+        self._log = open(self.log_path, "wb")  # kept open for the process's life
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "uvicorn", "chatbot.asgi:application",
