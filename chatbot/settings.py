@@ -148,6 +148,9 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# The model backend, refusing sign-ins while an account or address failed too often.
+AUTHENTICATION_BACKENDS = ["chatbot_api.login_throttle.ThrottledModelBackend"]
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -264,6 +267,10 @@ CHATBOT = {
     "EVENT_LOG_TTL": env_number("CHATBOT_EVENT_LOG_TTL", 600.0, minimum=1),
     "ORPHAN_AFTER": env_number("CHATBOT_ORPHAN_AFTER", 30.0, minimum=1),
     "SHUTDOWN_GRACE": env_number("CHATBOT_SHUTDOWN_GRACE", 10.0, minimum=0),
+    # Brute-force protection: failed sign-ins per account / per client IP before a lockout; 0 = off.
+    "LOGIN_FAILURES_PER_ACCOUNT": env_number("CHATBOT_LOGIN_FAILURES_PER_ACCOUNT", 10, int, minimum=0),
+    "LOGIN_FAILURES_PER_IP": env_number("CHATBOT_LOGIN_FAILURES_PER_IP", 50, int, minimum=0),
+    "LOGIN_LOCKOUT_SECONDS": env_number("CHATBOT_LOGIN_LOCKOUT_SECONDS", 900, int, minimum=1),
 }
 if CHATBOT["PROVIDER"] not in {"openai", "local"}:
     raise ImproperlyConfigured(

@@ -1,6 +1,5 @@
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView
-from rest_framework.authtoken.views import obtain_auth_token
 
 from . import views
 
@@ -20,6 +19,6 @@ urlpatterns = [
         "conversations/<str:session_id>", views.ConversationDetailView.as_view(), name="conversation-detail"
     ),
     path("usage/", views.UsageView.as_view(), name="usage"),
-    path("token/", obtain_auth_token, name="token"),
+    path("token/", views.TokenView.as_view(), name="token"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
 ]

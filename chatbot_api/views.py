@@ -8,14 +8,17 @@ from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
+from rest_framework.authtoken.views import ObtainAuthToken
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
-from . import selectors, services, transports
+from . import login_throttle, selectors, services, transports
 from .errors import ChatbotError, status_for_code
 from .identity import owner_for
 from .limits import rate_limiter
 from .models import Message
+from .parsers import SafeJSONParser
 from .serializers import (
     ChatRequestSerializer,
     ChatResponseSerializer,
@@ -203,6 +206,26 @@ class MessageStopView(ApiView):
                 "response": message.content,
             }
         )
+
+
+class TokenView(ObtainAuthToken):
+    """`POST /api/token/` {username, password} -> {token}; throttled after repeated failures."""
+
+    parser_classes = (FormParser, MultiPartParser, SafeJSONParser)
+
+    def post(self, request, *args, **kwargs):
+        username = request.data.get("username") if isinstance(request.data, dict) else None
+        try:
+            login_throttle.refuse_if_throttled(request, username if isinstance(username, str) else None)
+        except login_throttle.LoginThrottled as throttled:
+            raise ChatbotError(
+                str(throttled.args[0]),
+                code="login_throttled",
+                status_code=429,
+                retryable=True,
+                headers={"Retry-After": str(throttled.retry_after)},
+            ) from None
+        return super().post(request, *args, **kwargs)
 
 
 class UsageView(ApiView):

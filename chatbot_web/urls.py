@@ -6,7 +6,7 @@ from . import views
 
 urlpatterns = [
     path("", views.chat_page, name="chat"),
-    path("login/", auth_views.LoginView.as_view(), name="login"),
+    path("login/", views.ThrottledLoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     # The page's JavaScript texts, in the language LocaleMiddleware picked for the request.
     path("jsi18n/", JavaScriptCatalog.as_view(packages=["chatbot_web"]), name="javascript-catalog"),

@@ -1,10 +1,13 @@
 """The chat page. Everything else the page needs comes from the JSON API (`chatbot_api`)."""
 
-from django.contrib.auth.views import redirect_to_login
+from django import forms
+from django.contrib.auth.forms import AuthenticationForm
+from django.contrib.auth.views import LoginView, redirect_to_login
 from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.csrf import ensure_csrf_cookie
 
+from chatbot_api import login_throttle
 from chatbot_api.conf import chatbot_setting
 from chatbot_api.serializers import ChatRequestSerializer
 
@@ -29,3 +32,18 @@ def chat_page(request):
             "max_message_length": MAX_MESSAGE_LENGTH,
         },
     )
+
+
+class ThrottledAuthenticationForm(AuthenticationForm):
+    """The login form, saying so when sign-ins are throttled instead of "wrong password"."""
+
+    def clean(self):
+        try:
+            login_throttle.refuse_if_throttled(self.request, self.data.get("username"))
+        except login_throttle.LoginThrottled as throttled:
+            raise forms.ValidationError(str(throttled.args[0]), code="throttled") from None
+        return super().clean()
+
+
+class ThrottledLoginView(LoginView):
+    form_class = ThrottledAuthenticationForm

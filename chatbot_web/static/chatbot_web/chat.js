@@ -485,8 +485,12 @@ class AnswerRun {
     }
     if (event.type === "meta") this.handleMeta(event);
     else if (event.type === "delta") this.view.append(event.text);
+    else if (event.type === "snapshot") this.view.replaceText(event.text); // the whole text so far
     else if (event.type === "usage") this.view.completionTokens = event.completion_tokens;
-    else if (event.type === "done" || event.type === "error") this.terminal = event;
+    else if (event.type === "error" && event.seq === undefined && event.retryable) {
+      // This reader's stream ended (the server restarts, the log is unreachable), not the
+      // answer: the loop in driveRun resumes after lastSeq, on whichever worker answers.
+    } else if (event.type === "done" || event.type === "error") this.terminal = event;
   }
 
   handleMeta(event) {
