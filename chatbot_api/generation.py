@@ -491,20 +491,33 @@ class GenerationManager:
         """Give the answer's concurrency slot back and charge its tokens, off the database thread.
 
         The limits live in the cache (Redis in a cluster): a slow or frozen cache must not
-        hold up the saves, flushes and heartbeats of every other answer.
+        hold up the saves, flushes and heartbeats of every other answer. When the cache
+        fails, the release is retried in the background until it works.
         """
         if not request.client_key or not (request.holds_slot or tokens):
             return
+        if not await self._release(request, tokens, log_failure=False):
+            _detached_task(self._release_later(request, tokens), name=f"release-{request.message_id}")
+
+    async def _release(self, request: GenerationRequest, tokens: int, *, log_failure: bool) -> bool:
         try:
             await asyncio.to_thread(
                 rate_limiter.release, request.client_key, tokens=tokens, slot=request.holds_slot
             )
+            return True
         except Exception:
-            logger.error(
-                "releasing the rate-limit slot of %s failed; it expires by itself",
-                request.client_key,
-                exc_info=True,
-            )
+            if log_failure:
+                logger.error("releasing the rate-limit slot of %s failed", request.client_key, exc_info=True)
+            return False
+
+    async def _release_later(self, request: GenerationRequest, tokens: int) -> None:
+        delay = 0.5
+        for _attempt in range(12):  # about two minutes; after that the slot expires by itself
+            await asyncio.sleep(delay)
+            if await self._release(request, tokens, log_failure=False):
+                return
+            delay = min(delay * 2, 15)
+        await self._release(request, tokens, log_failure=True)
 
     def is_running(self, message_id: UUID) -> bool:
         return message_id in self._running

@@ -287,27 +287,32 @@ async def test_redis_restarted_empty_mid_answer_leaves_no_gap(cluster, upstream,
 async def test_frozen_redis_stalls_nothing_and_everything_recovers(cluster, upstream, api_user, redis_server):
     user, auth = api_user
     a, b = cluster("a"), cluster("b")
-    upstream.enqueue(long_answer(chunks=300))
+    upstream.enqueue(long_answer(chunks=300), Script(chunks=["short"], first_delay=0.5))
     async with httpx.AsyncClient(headers=auth, timeout=30) as http:
         on_a = Reader(http, "POST", f"{a.origin}/api/chat/", json={"message": "Hi"})
         await on_a.until(20)
         message_id = on_a.events[0]["message_id"]
+        # Another answer on the same worker ends while Redis is frozen: its slot goes back to
+        # Redis, which must hold up neither the database thread nor the heartbeat of the first.
+        short = Reader(http, "POST", f"{a.origin}/api/chat/", json={"message": "Hi"})
+        await short.until(1)
 
         redis_server.freeze()
         frozen_at, count_at = time.monotonic(), len(on_a.events)
         await asyncio.sleep(ORPHAN_AFTER + 2.5)  # longer than a worker may go quiet
         grown = len(on_a.events) - count_at
         still_live = (await Message.objects.aget(pk=message_id)).status
+        short_events = await short.finish(1)
         redis_server.thaw()
         local = await on_a.finish(30)
         status, resumed = await read_all(
             http, f"{b.origin}/api/messages/{message_id}/events", headers={"Last-Event-ID": "5"}
         )
 
-    assert grown > 50, (
-        f"the reader on the generating worker stalled: {grown} events in {time.monotonic() - frozen_at:.1f} s"
-    )
+    took = time.monotonic() - frozen_at
+    assert grown > 50, f"the reader on the generating worker stalled: {grown} events in {took:.1f} s"
     assert still_live == "streaming", "the heartbeat kept going, nobody swept the live answer"
+    assert assert_one_terminal(short_events)["type"] == "done", "it ended while Redis was frozen"
     assert assert_one_terminal(local)["type"] == "done"
     assert status == 200 and assert_one_terminal(resumed)["type"] == "done"
     assert_seqs_unbroken(resumed, after=5)
