@@ -6,6 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# uvicorn's graceful timeout stays above the app's own (CHATBOT_SHUTDOWN_GRACE, from the
+# environment or .env, default 10 s), so streams end with their terminal event instead of being cut.
+GRACEFUL_TIMEOUT = $(BIN)/python -c "from chatbot.settings import CHATBOT; print(int(CHATBOT['SHUTDOWN_GRACE']) + 5)"
 
 .PHONY: run test install install-dev lint format bench clean
 
@@ -32,7 +35,7 @@ run: install .env
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput --verbosity 0
 	$(BIN)/uvicorn chatbot.asgi:application --host $(HOST) --port $(PORT) --lifespan on \
-		--timeout-graceful-shutdown 15
+		--timeout-graceful-shutdown "$$($(GRACEFUL_TIMEOUT))"
 
 test: install-dev
 	scripts/ensure-chromium.sh

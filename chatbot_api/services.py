@@ -351,7 +351,12 @@ async def _message_events(*, message: Message, after: int) -> AsyncIterator:
         return
     # No log (expired, or lost with its worker), or one that will never end: the database has it.
     await message.arefresh_from_db()
-    for event in stored_events(message, after=position):
+    events = stored_events(message, after=position)
+    if message.last_seq is None and not message.is_live:
+        # The log's numbering is lost with it: the first replay fixes one, so that a
+        # reader resuming at its end is told there is nothing more (204), not a new end.
+        await Message.objects.filter(pk=message.pk, last_seq__isnull=True).aupdate(last_seq=events[-1].seq)
+    for event in events:
         yield event
 
 
@@ -474,7 +479,10 @@ def stored_events(message: Message, *, after: int = 0) -> list[ev.Event]:
         "model": message.model,
         "provider": message.provider,
     }
-    terminal_seq = message.last_seq or (2 + bool(message.content) + bool(usage))
+    # Without a known numbering, the events go after whatever the client already has.
+    terminal_seq = message.last_seq or max(
+        2 + bool(message.content) + bool(usage), after + 1 + bool(message.content) + bool(usage)
+    )
     text_seq = terminal_seq - 1 - bool(usage)
     items: list[tuple[int, str, dict]] = [(1, ev.META, meta)]
     if message.content and text_seq > 1:
@@ -499,7 +507,8 @@ async def events_after(*, message: Message, after: int) -> bool:
     tail = await manager.log.tail(message.id)
     if tail is not None and tail.is_terminal:
         return after < tail.seq
-    return after < stored_events(message, after=0)[-1].seq
+    # Without a known last seq the replay sends an end after `after` (and fixes the numbering).
+    return message.last_seq is None or after < message.last_seq
 
 
 async def message_stop(*, owner: Owner, message_id) -> Message:

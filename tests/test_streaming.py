@@ -333,12 +333,16 @@ async def test_events_of_an_interrupted_answer_end_with_an_error(manager):
         error_message="The server stopped.",
     )
 
-    frames = await read_frames(await client.get(f"/api/messages/{message.id}/events"))
-    past_the_end = await client.get(f"/api/messages/{message.id}/events?after=7")
+    url = f"/api/messages/{message.id}/events"
+    resumed = await read_frames(await client.get(f"{url}?after=7"))  # its log and numbering are gone
+    fresh = await read_frames(await client.get(url))
+    past_the_end = await client.get(f"{url}?after={resumed[-1][1]['id']}")
 
-    assert [f["event"] for _, f in frames] == ["meta", "delta", "error"]
-    assert text_of(frames) == "cut" and frames[-1][1]["data"]["code"] == "interrupted"
-    # Nothing after the terminal event: 204, which makes EventSource stop reconnecting.
+    # A reader that had part of the lost log gets the whole text and the end, after what it had.
+    assert [(f["event"], int(f["id"])) for _, f in resumed] == [("snapshot", 8), ("error", 9)]
+    assert resumed[0][1]["data"]["text"] == "cut" and resumed[-1][1]["data"]["code"] == "interrupted"
+    # That numbering is kept: a fresh replay ends at the same seq, and past it there is nothing.
+    assert [(f["event"], int(f["id"])) for _, f in fresh] == [("meta", 1), ("delta", 8), ("error", 9)]
     assert past_the_end.status_code == 204
 
 
