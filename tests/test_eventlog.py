@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from chatbot_api.eventlog import KEEPALIVE, InMemoryEventLog, LogNotFound
+from chatbot_api.eventlog import KEEPALIVE, InMemoryEventLog, LogGap, LogNotFound
 from chatbot_api.eventlog_redis import RedisEventLog
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -19,6 +19,7 @@ class OtherWorker:
     def __init__(self, writer: RedisEventLog, reader: RedisEventLog):
         self.open, self.append = writer.open, writer.append
         self.read, self.exists = reader.read, reader.exists
+        self.tail, self.text, self.close_abandoned = reader.tail, reader.text, reader.close_abandoned
 
 
 async def redis_log(url: str = REDIS_URL) -> RedisEventLog:
@@ -192,3 +193,70 @@ async def test_redis_copies_appends_in_batches_and_a_terminal_event_before_retur
     assert sum(batches) == 210 and len(batches) < 210 / 5, (
         f"one round trip per batch, not per event: {batches}"
     )
+
+
+async def test_a_reader_at_or_past_the_end_of_an_ended_log_returns_at_once(log):
+    message_id = uuid.uuid4()
+    await log.open(message_id)
+    await log.append(message_id, "meta", {})
+    await log.append(message_id, "done", {"status": "complete"})
+
+    for after in (2, 3, 10**12):
+        async with asyncio.timeout(2):
+            assert await collect(log.read(message_id, after=after)) == []
+
+
+async def test_tail_text_and_closing_an_abandoned_log(log):
+    message_id = uuid.uuid4()
+    await log.open(message_id)
+    assert await log.tail(message_id) is None
+    await log.append(message_id, "meta", {})
+    for text in ("a", "b"):
+        await log.append(message_id, "delta", {"text": text})
+    await asyncio.sleep(0.05)  # the Redis writer's batch
+
+    assert (await log.tail(message_id)).seq == 3 and await log.text(message_id) == "ab"
+    assert await log.close_abandoned(message_id, "error", {"code": "interrupted"}) == 4
+    assert await log.close_abandoned(message_id, "error", {"code": "interrupted"}) == 4, "only once"
+    events = await collect(log.read(message_id))
+    assert [e.type for e in events] == ["meta", "delta", "delta", "error"]
+    assert await log.close_abandoned(uuid.uuid4(), "error", {}) is None
+
+
+@pytest.mark.redis
+async def test_a_redis_reader_never_skips_a_hole(monkeypatch):
+    log = await redis_log()
+    monkeypatch.setattr(RedisEventLog, "outage_wait", 0.6)
+    message_id = uuid.uuid4()
+    key = log._key(message_id)
+    client = log._redis()
+    await client.xadd(key, {"open": 1}, id="0-1")
+    for seq in (1, 2, 5):  # 3 and 4 never made it
+        await client.xadd(key, {"e": f'{{"type":"delta","seq":{seq},"text":"{seq}"}}'}, id=f"1-{seq}")
+
+    seen = []
+    with pytest.raises(LogGap):
+        async for event in log.read(message_id):
+            seen.append(event.seq)
+    assert seen == [1, 2]
+    await client.delete(key)
+    await log.aclose()
+
+
+@pytest.mark.redis
+async def test_the_writer_recreates_a_stream_redis_lost_and_readers_elsewhere_see_no_hole():
+    writer, reader = await redis_log(), await redis_log()
+    message_id = uuid.uuid4()
+    await writer.open(message_id)
+    await writer.append(message_id, "meta", {})
+    await writer.append(message_id, "delta", {"text": "a"})
+    await asyncio.sleep(0.05)
+    await writer._redis().delete(writer._key(message_id))  # as a Redis restarted empty
+
+    await writer.append(message_id, "delta", {"text": "b"})
+    await writer.append(message_id, "done", {"status": "complete"})
+
+    events = await collect(reader.read(message_id))
+    assert [(e.seq, e.type) for e in events] == [(1, "meta"), (2, "delta"), (3, "delta"), (4, "done")]
+    for each in (writer, reader):
+        await each.aclose()
