@@ -1,7 +1,8 @@
 """Per-message event logs: generations append, transports read from an offset.
 
-`EventLog` is the backend contract. `InMemoryEventLog` serves one process; a
-Redis Streams backend can implement the same four methods for a cluster. Readers
+`EventLog` is the backend contract. `InMemoryEventLog` serves one process;
+`eventlog_redis.RedisEventLog` implements the same contract on Redis Streams for a
+cluster. Readers
 never talk to the generation: they replay what is logged after their offset, then
 tail new events until the terminal one, so a reconnecting client gets exactly the
 events it missed.

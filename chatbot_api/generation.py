@@ -18,7 +18,6 @@ import contextvars
 import logging
 import os
 import socket
-import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +35,7 @@ from .errors import ChatbotError, GenerationTimeout, ProviderError
 from .eventlog import EventLog, InMemoryEventLog
 from .limits import rate_limiter
 from .models import Message, UsageRecord
+from .outcome import Outcome
 from .providers import Chunk, Provider, Usage
 from .providers.base import storable_text
 
@@ -49,8 +49,6 @@ class GenerationRequest:
     message_id: UUID
     conversation_id: UUID
     prompt: list[dict]
-    max_tokens: int
-    temperature: float
     # Whom the answer is charged to (rate limits, usage records).
     client_key: str = ""
     user_id: int | None = None
@@ -59,13 +57,15 @@ class GenerationRequest:
 
 
 @dataclass(slots=True)
-class Limits:
+class TimeLimits:
+    """How long a generation may wait for the model: first token, between tokens, in all."""
+
     first_token: float
     idle: float
     total: float
 
     @classmethod
-    def from_settings(cls) -> Limits:
+    def from_settings(cls) -> TimeLimits:
         return cls(
             first_token=chatbot_setting("FIRST_TOKEN_TIMEOUT"),
             idle=chatbot_setting("IDLE_TIMEOUT"),
@@ -89,7 +89,7 @@ class Generation:
         self.stream = stream
         self.manager = manager
         self.log = manager.log
-        self.limits = Limits.from_settings()
+        self.time_limits = TimeLimits.from_settings()
         self.parts: list[str] = []
         self.last_seq = 0  # of the last event this generation logged
         self.task: asyncio.Task | None = None
@@ -114,9 +114,8 @@ class Generation:
         first_token_at: float | None = None
         finish_reason = ""
         usage: Usage | None = None
-        outcome: dict = {}
         stream = self.stream
-        limits = self.limits
+        limits = self.time_limits
         total_deadline = started + limits.total
         deadline = min(started + limits.first_token, total_deadline)
         limit = "first_token" if deadline < total_deadline else "total"
@@ -155,34 +154,28 @@ class Generation:
                     idle_deadline = now + limits.idle
                     limit = "idle" if idle_deadline < total_deadline else "total"
                     deadline = min(idle_deadline, total_deadline)
-            outcome = {"status": Status.COMPLETE, "finish_reason": finish_reason or "stop"}
+            outcome = Outcome.complete(finish_reason)
         except TimeoutError:
-            error = GenerationTimeout(limit, getattr(limits, limit))
-            outcome = _failure(error)
+            outcome = Outcome.failed(GenerationTimeout(limit, getattr(limits, limit)))
         except ChatbotError as error:
-            outcome = _failure(error)
+            outcome = Outcome.failed(error)
         except asyncio.CancelledError:
-            reason = self.cancel_reason or "interrupted"
-            if reason == "stopped":
-                outcome = {"status": Status.STOPPED, "finish_reason": "stopped"}
-            else:
-                outcome = _failure(ChatbotError(INTERRUPTED_MESSAGE, code="interrupted", retryable=True))
-                outcome["status"] = Status.INTERRUPTED
+            outcome = Outcome.stopped() if self.cancel_reason == "stopped" else Outcome.interrupted()
             if self.cancel_reason is None:  # not ours: let the canceller see it after we save
                 await _close_quietly(stream)
-                await asyncio.shield(self._finish(outcome, started, first_token_at, usage))
+                await asyncio.shield(self._finish(outcome, usage, started, first_token_at))
                 raise
             asyncio.current_task().uncancel()  # our own stop: the task ends normally
         except Exception as error:  # a bug or an unexpected library error: still end the stream
             logger.exception("generation %s crashed", self.message_id)
-            outcome = _failure(
+            outcome = Outcome.failed(
                 ProviderError(f"Unexpected error: {error.__class__.__name__}", code="internal")
             )
         await _close_quietly(stream)
-        await self._finish(outcome, started, first_token_at, usage)
+        await self._finish(outcome, usage, started, first_token_at)
 
     async def _finish(
-        self, outcome: dict, started: float, first_token_at: float | None, usage: Usage | None
+        self, outcome: Outcome, usage: Usage | None, started: float, first_token_at: float | None
     ) -> None:
         """Save the outcome, give the slot back, end the log: each step even if another failed.
 
@@ -190,57 +183,83 @@ class Generation:
         whatever the database or the accounting does.
         """
         self.manager.forget_dirty(self)
+        now = asyncio.get_running_loop().time()
         try:
-            outcome, usage = await self._save(outcome, started, first_token_at, usage)
+            outcome = outcome.with_facts(
+                usage=usage or self._estimated_usage(outcome),
+                duration_ms=round((now - started) * 1000, 3),
+                ttft_ms=round((first_token_at - started) * 1000, 3) if first_token_at is not None else None,
+            )
+            outcome = await self._save(outcome)
         except Exception:  # a bug in building the outcome: the stream must still end
             logger.exception("ending answer %s failed", self.message_id)
-            outcome, usage = _failure(ChatbotError(SAVE_FAILED_MESSAGE, code="save_failed")), None
-        await self.manager.release_slot(self.request, tokens=usage.total_tokens if usage else 0)
+            outcome = Outcome.save_failed()
+        tokens = outcome.usage.total_tokens if outcome.usage else 0
+        await self.manager.release_slot(self.request, tokens=tokens)
         try:
-            if usage is not None:
-                await self.append(
-                    ev.USAGE,
-                    {
-                        "prompt_tokens": usage.prompt_tokens,
-                        "completion_tokens": usage.completion_tokens,
-                        "estimated": usage.estimated,
-                    },
-                )
-            await self.append(*terminal_event(outcome))
+            if (usage_event := outcome.usage_event()) is not None:
+                await self.append(ev.USAGE, usage_event)
+            await self.append(*outcome.terminal_event())
         except Exception:  # this process's readers have it; the shared log's writer keeps retrying
             logger.error("logging the end of answer %s failed", self.message_id, exc_info=True)
 
-    async def _save(
-        self, outcome: dict, started: float, first_token_at: float | None, usage: Usage | None
-    ) -> tuple[dict, Usage | None]:
-        loop = asyncio.get_running_loop()
+    def _estimated_usage(self, outcome: Outcome) -> Usage | None:
+        """Counts for an answer whose provider sent none (nothing when nothing was written)."""
         text = self.text
-        if usage is None and (text or outcome.get("status") == Status.COMPLETE):
-            usage = Usage(
-                prompt_tokens=sum(self.provider.count_tokens(m["content"]) for m in self.request.prompt),
-                completion_tokens=self.provider.count_tokens(text) if text else 0,
-                estimated=True,
-            )
+        if not text and outcome.status != Status.COMPLETE:
+            return None
+        count = self.provider.count_tokens
+        return Usage(
+            prompt_tokens=sum(count(m["content"]) for m in self.request.prompt),
+            completion_tokens=count(text) if text else 0,
+            estimated=True,
+        )
+
+    async def _save(self, outcome: Outcome) -> Outcome:
+        """Write the outcome, its usage record and its metrics; a refused save is `save_failed`."""
         # Known before they are logged: only this generation appends to the log.
-        terminal_seq = self.last_seq + (2 if usage is not None else 1)
+        terminal_seq = self.last_seq + (2 if outcome.usage is not None else 1)
         fields = {
-            "content": text,
-            "status": outcome["status"],
-            "finish_reason": outcome.get("finish_reason", ""),
-            "error_code": outcome.get("code", ""),
-            "error_message": outcome.get("message", ""),
-            "duration_ms": round((loop.time() - started) * 1000, 3),
-            "ttft_ms": round((first_token_at - started) * 1000, 3) if first_token_at is not None else None,
+            **outcome.message_fields(),
+            "content": self.text,
             "heartbeat_at": timezone.now(),
             "last_seq": terminal_seq,
         }
-        if usage is not None:
-            fields.update(
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                tokens_estimated=usage.estimated,
+        record = self._usage_record(outcome)
+        if not await self.manager.save_outcome(self.message_id, fields, record):
+            # The client must not believe an answer is safe that the database does not hold.
+            outcome = Outcome.save_failed().with_facts(
+                usage=outcome.usage, duration_ms=outcome.duration_ms, ttft_ms=outcome.ttft_ms
             )
-        record = UsageRecord(
+        metrics.observe_answer(
+            provider=record.provider,
+            model=record.model,
+            outcome=outcome.status,
+            ttft_ms=outcome.ttft_ms,
+            duration_ms=outcome.duration_ms,
+            prompt_tokens=record.prompt_tokens,
+            completion_tokens=record.completion_tokens,
+            error_code=outcome.code,
+        )
+        logger.info(
+            "answer message=%s conversation=%s provider=%s model=%s outcome=%s prompt_tokens=%s "
+            "completion_tokens=%s estimated=%s ttft_ms=%s duration_ms=%s",
+            self.message_id,
+            self.request.conversation_id,
+            self.provider.name,
+            self.provider.model_id,
+            outcome.status,
+            outcome.usage.prompt_tokens if outcome.usage else None,
+            outcome.usage.completion_tokens if outcome.usage else None,
+            outcome.usage.estimated if outcome.usage else False,
+            outcome.ttft_ms,
+            outcome.duration_ms,
+        )
+        return outcome
+
+    def _usage_record(self, outcome: Outcome) -> UsageRecord:
+        usage = outcome.usage
+        return UsageRecord(
             message_id=self.message_id,
             user_id=self.request.user_id,
             session_key=self.request.session_key,
@@ -250,39 +269,10 @@ class Generation:
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             estimated=usage.estimated if usage else False,
-            ttft_ms=fields["ttft_ms"],
-            duration_ms=fields["duration_ms"],
-            outcome=outcome["status"],
+            ttft_ms=outcome.ttft_ms,
+            duration_ms=outcome.duration_ms,
+            outcome=outcome.status,
         )
-        if not await self.manager.save_outcome(self.message_id, fields, record):
-            # The client must not believe an answer is safe that the database does not hold.
-            outcome = _failure(ChatbotError(SAVE_FAILED_MESSAGE, code="save_failed", retryable=True))
-            record.outcome = Status.FAILED
-        metrics.observe_answer(
-            provider=record.provider,
-            model=record.model,
-            outcome=record.outcome,
-            ttft_ms=record.ttft_ms,
-            duration_ms=record.duration_ms,
-            prompt_tokens=record.prompt_tokens,
-            completion_tokens=record.completion_tokens,
-            error_code=outcome.get("code", ""),
-        )
-        logger.info(
-            "answer message=%s conversation=%s provider=%s model=%s outcome=%s prompt_tokens=%s "
-            "completion_tokens=%s estimated=%s ttft_ms=%s duration_ms=%s",
-            self.message_id,
-            self.request.conversation_id,
-            self.provider.name,
-            self.provider.model_id,
-            outcome["status"],
-            fields.get("prompt_tokens"),
-            fields.get("completion_tokens"),
-            fields.get("tokens_estimated", False),
-            fields["ttft_ms"],
-            fields["duration_ms"],
-        )
-        return outcome, usage
 
 
 async def _close_quietly(stream) -> None:
@@ -290,32 +280,6 @@ async def _close_quietly(stream) -> None:
         await stream.aclose()
     except Exception:  # a provider that fails to close must not keep the answer from ending
         logger.warning("closing the model's stream failed", exc_info=True)
-
-
-INTERRUPTED_MESSAGE = "The server stopped while this answer was being written; the partial answer was kept."
-SAVE_FAILED_MESSAGE = "The answer could not be saved; what was shown may be incomplete after a reload."
-
-
-def _failure(error: ChatbotError) -> dict:
-    return {
-        "status": Status.FAILED,
-        "code": error.code,
-        "message": error.message,
-        "retryable": error.retryable,
-        "finish_reason": "error",
-    }
-
-
-def terminal_event(outcome: dict) -> tuple[str, dict]:
-    """The terminal event (type, data) for an outcome or a stored message's status."""
-    status = outcome["status"]
-    if status in (Status.COMPLETE, Status.STOPPED):
-        return ev.DONE, {"status": str(status), "finish_reason": outcome.get("finish_reason") or "stop"}
-    return ev.ERROR, {
-        "code": outcome.get("code") or str(status),
-        "message": outcome.get("message") or INTERRUPTED_MESSAGE,
-        "retryable": bool(outcome.get("retryable", True)),
-    }
 
 
 class EarlyStream:
@@ -400,8 +364,6 @@ def _in_connection(function, *args):
 
 class GenerationManager:
     """The generations this process runs, their heartbeat and the orphan sweep."""
-
-    clock = staticmethod(time.monotonic)
 
     def __init__(self, log: EventLog):
         self.log = log
@@ -629,7 +591,7 @@ class GenerationManager:
         *,
         older_than: float | None = None,
         message_id: UUID | None = None,
-        outcome: dict | None = None,
+        outcome: Outcome | None = None,
     ) -> int:
         """End answers whose worker went quiet for `older_than` seconds, as `interrupted`.
 
@@ -639,7 +601,7 @@ class GenerationManager:
         """
         older_than = chatbot_setting("ORPHAN_AFTER") if older_than is None else older_than
         try:
-            outcome = outcome or ORPHANED_OUTCOME
+            outcome = outcome or Outcome.interrupted()
             orphans = await self.db.run(_claim_orphans, older_than, message_id, list(self._running), outcome)
         except Exception:
             logger.warning("sweeping orphaned answers failed", exc_info=True)
@@ -650,14 +612,14 @@ class GenerationManager:
             logger.warning("marked %d orphaned answer(s) as interrupted", len(orphans))
         return len(orphans)
 
-    async def _close_orphan(self, orphan: dict, outcome: dict) -> None:
+    async def _close_orphan(self, orphan: dict, outcome: Outcome) -> None:
         message_id = orphan["id"]
         content = orphan["content"]
         try:
             logged = await self.log.text(message_id)
             if logged and len(logged) > len(content):
                 content = logged  # what readers of the log saw, beyond the last flush
-            last_seq = await self.log.close_abandoned(message_id, *terminal_event(outcome))
+            last_seq = await self.log.close_abandoned(message_id, *outcome.terminal_event())
         except Exception:  # the readers' own liveness checks end them from the database
             logger.warning("closing the event log of orphan %s failed", message_id, exc_info=True)
             last_seq = None
@@ -667,7 +629,7 @@ class GenerationManager:
 
             tokens = get_provider().count_tokens(content)
         try:
-            await self.db.run(_finish_orphan, orphan, outcome["status"], content, last_seq, tokens)
+            await self.db.run(_finish_orphan, orphan, outcome.status, content, last_seq, tokens)
         except Exception:
             logger.error("saving orphan %s failed", message_id, exc_info=True)
         await self.release_slot(
@@ -675,8 +637,6 @@ class GenerationManager:
                 message_id=message_id,
                 conversation_id=orphan["conversation_id"],
                 prompt=[],
-                max_tokens=0,
-                temperature=0,
                 client_key=orphan["client_key"],
                 holds_slot=orphan["holds_slot"],
             ),
@@ -740,7 +700,7 @@ def _mark_save_failed(message_id: UUID, fields: dict) -> None:
         "status": Status.FAILED,
         "finish_reason": "error",
         "error_code": "save_failed",
-        "error_message": SAVE_FAILED_MESSAGE,
+        "error_message": Outcome.save_failed().message,
         "heartbeat_at": timezone.now(),
         "last_seq": fields.get("last_seq"),
     }
@@ -757,20 +717,8 @@ def _heartbeat(message_ids: list[UUID], worker: str) -> None:
     )
 
 
-ORPHANED_OUTCOME = {
-    "status": Status.INTERRUPTED,
-    "code": "interrupted",
-    "message": INTERRUPTED_MESSAGE,
-    "retryable": True,
-    "finish_reason": "error",
-}
-
-
-STOPPED_OUTCOME = {"status": Status.STOPPED, "finish_reason": "stopped"}
-
-
 def _claim_orphans(
-    older_than: float, message_id: UUID | None, running: list[UUID], outcome: dict
+    older_than: float, message_id: UUID | None, running: list[UUID], outcome: Outcome
 ) -> list[dict]:
     """Mark live answers whose heartbeat is older than `older_than` as interrupted; return them.
 
@@ -796,10 +744,10 @@ def _claim_orphans(
         won = Message.objects.filter(
             pk=row["id"], status__in=Message.LIVE_STATUSES, heartbeat_at__lt=cutoff
         ).update(
-            status=outcome["status"],
-            error_code=outcome.get("code", ""),
-            error_message=outcome.get("message", ""),
-            finish_reason=outcome["finish_reason"],
+            status=outcome.status,
+            error_code=outcome.code,
+            error_message=outcome.message,
+            finish_reason=outcome.finish_reason,
             heartbeat_at=timezone.now(),
             holds_slot=False,
         )

@@ -144,17 +144,25 @@ class StreamEventSerializer(serializers.Serializer):
     Exactly one terminal event (done or error) ends every stream.
     """
 
-    type = serializers.ChoiceField(choices=["meta", "delta", "usage", "done", "error"])
-    seq = serializers.IntegerField(help_text="Strictly increasing per message, from 1; the SSE `id:`.")
+    type = serializers.ChoiceField(choices=["meta", "delta", "snapshot", "usage", "done", "error"])
+    seq = serializers.IntegerField(
+        required=False,
+        help_text="Strictly increasing per message, from 1; the SSE `id:`. Absent on an `error` that "
+        "ends one reader's stream, not the answer (server_shutdown, server_busy): resume.",
+    )
     message_id = serializers.UUIDField()
     session_id = serializers.UUIDField(required=False, help_text="meta")
     model = serializers.CharField(required=False, help_text="meta")
     provider = serializers.CharField(required=False, help_text="meta")
-    text = serializers.CharField(required=False, help_text="delta")
+    text = serializers.CharField(required=False, help_text="delta; snapshot: the whole text so far")
     prompt_tokens = serializers.IntegerField(required=False, help_text="usage")
     completion_tokens = serializers.IntegerField(required=False, help_text="usage")
     estimated = serializers.BooleanField(required=False, help_text="usage: the provider sent no counts")
-    status = serializers.ChoiceField(choices=["complete", "stopped"], required=False, help_text="done")
+    status = serializers.ChoiceField(
+        choices=["complete", "stopped", "failed", "interrupted"],
+        required=False,
+        help_text="done: complete | stopped; error: failed | interrupted",
+    )
     finish_reason = serializers.CharField(required=False, help_text="done")
     code = serializers.CharField(required=False, help_text="error")
     message = serializers.CharField(required=False, help_text="error")

@@ -25,9 +25,10 @@ from . import metrics
 from .conf import chatbot_setting
 from .errors import UNAVAILABLE_ERRORS, ChatbotError, ShuttingDown, unavailable_error
 from .eventlog import KEEPALIVE, LogGap, LogNotFound
-from .generation import STOPPED_OUTCOME, EarlyStream, GenerationRequest, get_manager, terminal_event
+from .generation import EarlyStream, GenerationRequest, get_manager
 from .limits import RateLimited, rate_limiter
 from .models import Conversation, Message
+from .outcome import Outcome
 from .providers import Provider, get_provider
 from .selectors import Owner, conversation_context, conversation_get, message_get
 
@@ -135,8 +136,6 @@ async def _start_answer(
             message_id=assistant_message.id,
             conversation_id=conversation.id,
             prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
             client_key=owner.rate_key,
             user_id=owner.user_id,
             session_key=owner.session_key or "",
@@ -425,7 +424,7 @@ async def _log_is_abandoned(message_id, manager) -> bool:
     if not _is_stale(row, SETTLE_SECONDS):
         return False  # just saved: its worker is writing the end to the log
     message = await Message.objects.aget(pk=message_id)
-    seq = await manager.log.close_abandoned(message_id, *terminal_event(stored_outcome(message)))
+    seq = await manager.log.close_abandoned(message_id, *Outcome.of_message(message).terminal_event())
     if seq is None:
         return True
     if seq != message.last_seq:
@@ -443,19 +442,6 @@ async def _log_may_come_back(message_id, manager) -> bool:
     # Its worker is gone (or, with a log only this process has, it is not running here).
     await manager.sweep(older_than=0 if not manager.log.is_shared else None, message_id=message_id)
     return False
-
-
-def stored_outcome(message: Message) -> dict:
-    """The outcome of a saved message, as `terminal_event()` takes it."""
-    if message.is_live:
-        return {"status": Status.INTERRUPTED, "code": "interrupted"}
-    return {
-        "status": message.status,
-        "finish_reason": message.finish_reason,
-        "code": message.error_code,
-        "message": message.error_message,
-        "retryable": message.status == Status.INTERRUPTED,
-    }
 
 
 def stored_events(message: Message, *, after: int = 0) -> list[ev.Event]:
@@ -489,7 +475,7 @@ def stored_events(message: Message, *, after: int = 0) -> list[ev.Event]:
         items.append((text_seq, ev.DELTA if after == 0 else ev.SNAPSHOT, {"text": message.content}))
     if usage is not None:
         items.append((terminal_seq - 1, ev.USAGE, usage))
-    items.append((terminal_seq, *terminal_event(stored_outcome(message))))
+    items.append((terminal_seq, *Outcome.of_message(message).terminal_event()))
     return [ev.Event.create(seq, kind, data, message.id) for seq, kind, data in items if seq > after]
 
 
@@ -533,7 +519,7 @@ async def _stop_anywhere(message: Message) -> None:
     await message.arefresh_from_db()
     if message.is_live:
         # No worker answered: it died. Close the answer as stopped, keeping its text.
-        await manager.sweep(older_than=0, message_id=message.id, outcome=STOPPED_OUTCOME)
+        await manager.sweep(older_than=0, message_id=message.id, outcome=Outcome.stopped())
 
 
 async def _wait_for_end(message: Message, *, timeout: float) -> None:

@@ -13,7 +13,7 @@ from contextlib import aclosing
 from asgiref.sync import sync_to_async
 from django.db import connections
 from django.http import StreamingHttpResponse
-from rest_framework.renderers import BaseRenderer, JSONRenderer
+from rest_framework.renderers import BaseRenderer
 
 from .eventlog import KEEPALIVE
 from .events import Answer, Event
@@ -88,13 +88,14 @@ async def collect(events: AsyncIterator) -> Answer:
 
 
 class EventStreamRenderer(BaseRenderer):
-    """Lets DRF's content negotiation accept `text/event-stream`; streams bypass rendering."""
+    """Lets DRF's content negotiation accept `text/event-stream`; streams bypass rendering.
+
+    Never asked to render: streams are `StreamingHttpResponse`s, and errors are switched
+    to JSON by `views.ApiView.finalize_response`.
+    """
 
     media_type = SSE_CONTENT_TYPE
     format = "sse"
-
-    def render(self, data, accepted_media_type=None, renderer_context=None):
-        return JSONRenderer().render(data)
 
 
 class NDJSONRenderer(EventStreamRenderer):

@@ -107,7 +107,6 @@ async def answer_response(turn: services.Turn, *, transport: str, is_streaming: 
     if answer.terminal.type == "error":
         terminal = answer.terminal.data
         body.update(error=terminal["message"], code=terminal["code"], retryable=terminal["retryable"])
-        body["status"] = "interrupted" if terminal["code"] == "interrupted" else Message.Status.FAILED
         return Response(body, status=status_for_code(terminal["code"]))
     return Response(body)
 

@@ -52,9 +52,10 @@ async def answer_over_sse(client: AsyncClient | None = None, body: dict | None =
 
 async def check_invariants(events: list[dict]) -> Message:
     """One terminal event, the stored text covers what was seen, no slot held; returns the message."""
-    assert_one_terminal(events)
+    terminal = assert_one_terminal(events)
     assert_seqs_unbroken(events)
     message = await final_message(events[0]["message_id"])
+    assert terminal["status"] == message.status, "the terminal event says how the answer ended"
     assert_stored_covers(message, seen_text(events))
     await assert_no_leaked_slot(slots)
     return message

@@ -348,6 +348,17 @@ export class ChatSocket {
     } catch {
       return;
     }
+    if (event.type === "error" && event.seq === undefined && event.message_id && !("request_id" in event)) {
+      // A reader's own end (the server restarts, its event log is unreachable), not the
+      // answer's: hand it to the run, which resumes if it is retryable.
+      const reader = this.readers.get(event.message_id);
+      if (reader) {
+        this.readers.delete(event.message_id);
+        reader.onEvent(event);
+        reader.resolve();
+      }
+      return;
+    }
     if (event.type === "error" && event.seq === undefined) {
       this.requestFailed(event);
       return;
@@ -361,12 +372,7 @@ export class ChatSocket {
       }
       return;
     }
-    let reader = this.readers.get(event.message_id);
-    if (!reader && this.pendingChats.length) {
-      // A server that sends no `accepted` frame: the oldest pending chat owns a new answer.
-      reader = this.pendingChats.shift();
-      this.readers.set(event.message_id, reader);
-    }
+    const reader = this.readers.get(event.message_id);
     if (!reader) return; // an answer this page no longer follows
     reader.onEvent(event);
     if (TERMINAL_TYPES.has(event.type)) {

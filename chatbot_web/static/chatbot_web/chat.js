@@ -596,7 +596,7 @@ function finishRun(run) {
     run.view.finish({ status: event.status });
     announce(run.view.body.textContent);
   } else {
-    run.view.finish({ status: event.code === "interrupted" ? "interrupted" : "failed", errorCode: event.code });
+    run.view.finish({ status: event.status ?? "failed", errorCode: event.code });
     announce(errorText(event.code));
   }
   refreshConversations();
