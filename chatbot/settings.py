@@ -16,7 +16,7 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 load_dotenv(BASE_DIR / ".env")
 
 
-def env_bool(name: str, default: bool) -> bool:
+def env_bool(name: str, default: bool | None) -> bool | None:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -36,14 +36,14 @@ def env_number(name: str, default, cast=float, minimum=None):
         value = cast(raw)
     except ValueError:
         raise ImproperlyConfigured(
-            f"{name}={raw!r} is not a valid {cast.__name__}; unset it to use the default ({default})."
+            f"{name}={raw!r} is not a valid {cast.__name__}: fix it, or unset it to use the default."
         ) from None
     if minimum is not None and value < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum}, got {value}.")
     return value
 
 
-def env_list(name: str, default: list[str]) -> list[str]:
+def env_list(name: str, default: list[str] | None) -> list[str] | None:
     raw = os.environ.get(name)
     if not raw:
         return default
@@ -235,53 +235,41 @@ CHANNEL_LAYERS = {}
 OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "")
 OPENAI_BASE_URL = os.environ.get("OPENAI_BASE_URL", "")
 
-CHATBOT = {
-    "PROVIDER": os.environ.get("CHATBOT_PROVIDER", "") or ("openai" if OPENAI_API_KEY else "local"),
-    "MODEL": os.environ.get("CHATBOT_MODEL", ""),
-    "MAX_TOKENS": env_number("CHATBOT_MAX_TOKENS", 150, int, minimum=1),
-    "TEMPERATURE": env_number("CHATBOT_TEMPERATURE", 0.7, float, minimum=0),
-    "SYSTEM_PROMPT": os.environ.get("CHATBOT_SYSTEM_PROMPT", "You are a helpful assistant."),
-    "LOCAL_MODEL_PATH": os.environ.get("CHATBOT_LOCAL_MODEL_PATH", ""),
-    "LOCAL_THREADS": env_number("CHATBOT_LOCAL_THREADS", 0, int, minimum=0),
-    "LOCAL_CONTEXT": env_number("CHATBOT_LOCAL_CONTEXT", 2048, int, minimum=256),
-    # Tokens of earlier turns sent as context; 0 means "what fits the model's window".
-    "HISTORY_TOKENS": env_number("CHATBOT_HISTORY_TOKENS", 0, int, minimum=0),
-    "CONNECT_TIMEOUT": env_number("CHATBOT_CONNECT_TIMEOUT", 10.0, minimum=0.001),
-    "FIRST_TOKEN_TIMEOUT": env_number("CHATBOT_FIRST_TOKEN_TIMEOUT", 60.0, minimum=0.001),
-    "IDLE_TIMEOUT": env_number("CHATBOT_IDLE_TIMEOUT", 30.0, minimum=0.001),
-    "TOTAL_TIMEOUT": env_number("CHATBOT_TOTAL_TIMEOUT", 300.0, minimum=0.001),
-    "FLUSH_INTERVAL": env_number("CHATBOT_FLUSH_INTERVAL", 0.25, minimum=0.01),
-    "KEEPALIVE_INTERVAL": env_number("CHATBOT_KEEPALIVE_INTERVAL", 15.0, minimum=0.01),
-    "CANCEL_ON_DISCONNECT": env_bool("CHATBOT_CANCEL_ON_DISCONNECT", False),
-    "ALLOW_ANONYMOUS": env_bool("CHATBOT_ALLOW_ANONYMOUS", True),
-    # Per user (per client IP for anonymous use); 0 switches a limit off. Staff can override per user.
-    "REQUESTS_PER_MINUTE": env_number("CHATBOT_REQUESTS_PER_MINUTE", 20, int, minimum=0),
-    "CONCURRENT_STREAMS": env_number("CHATBOT_CONCURRENT_STREAMS", 3, int, minimum=0),
-    "TOKENS_PER_DAY": env_number("CHATBOT_TOKENS_PER_DAY", 200_000, int, minimum=0),
-    # /metrics: open to these client IPs, or to anyone sending `Authorization: Bearer <token>`.
-    "METRICS_TOKEN": os.environ.get("CHATBOT_METRICS_TOKEN", ""),
-    "METRICS_ALLOWED_IPS": env_list("CHATBOT_METRICS_ALLOWED_IPS", ["127.0.0.1", "::1"]),
-    "OPENAI_MAX_RETRIES": env_number("OPENAI_MAX_RETRIES", 1, int, minimum=0),
-    # Where answers' events live: "memory" (one process) or "redis" (REDIS_URL, any number of workers).
-    "EVENT_LOG": os.environ.get("CHATBOT_EVENT_LOG", "") or ("redis" if REDIS_URL else "memory"),
-    "EVENT_LOG_TTL": env_number("CHATBOT_EVENT_LOG_TTL", 600.0, minimum=1),
-    "ORPHAN_AFTER": env_number("CHATBOT_ORPHAN_AFTER", 30.0, minimum=1),
-    "SHUTDOWN_GRACE": env_number("CHATBOT_SHUTDOWN_GRACE", 10.0, minimum=0),
-    # Brute-force protection: failed sign-ins per account / per client IP before a lockout; 0 = off.
-    "LOGIN_FAILURES_PER_ACCOUNT": env_number("CHATBOT_LOGIN_FAILURES_PER_ACCOUNT", 10, int, minimum=0),
-    "LOGIN_FAILURES_PER_IP": env_number("CHATBOT_LOGIN_FAILURES_PER_IP", 50, int, minimum=0),
-    "LOGIN_LOCKOUT_SECONDS": env_number("CHATBOT_LOGIN_LOCKOUT_SECONDS", 900, int, minimum=1),
+# Only what the environment sets: the app owns every default (chatbot_api/conf.py).
+_chatbot_env = {
+    "PROVIDER": os.environ.get("CHATBOT_PROVIDER") or ("openai" if OPENAI_API_KEY else None),
+    "MODEL": os.environ.get("CHATBOT_MODEL"),
+    "MAX_TOKENS": env_number("CHATBOT_MAX_TOKENS", None, int, minimum=1),
+    "TEMPERATURE": env_number("CHATBOT_TEMPERATURE", None, float, minimum=0),
+    "SYSTEM_PROMPT": os.environ.get("CHATBOT_SYSTEM_PROMPT"),
+    "LOCAL_MODEL_PATH": os.environ.get("CHATBOT_LOCAL_MODEL_PATH"),
+    "LOCAL_THREADS": env_number("CHATBOT_LOCAL_THREADS", None, int, minimum=0),
+    "LOCAL_CONTEXT": env_number("CHATBOT_LOCAL_CONTEXT", None, int, minimum=256),
+    "HISTORY_TOKENS": env_number("CHATBOT_HISTORY_TOKENS", None, int, minimum=0),
+    "CONNECT_TIMEOUT": env_number("CHATBOT_CONNECT_TIMEOUT", None, minimum=0.001),
+    "FIRST_TOKEN_TIMEOUT": env_number("CHATBOT_FIRST_TOKEN_TIMEOUT", None, minimum=0.001),
+    "IDLE_TIMEOUT": env_number("CHATBOT_IDLE_TIMEOUT", None, minimum=0.001),
+    "TOTAL_TIMEOUT": env_number("CHATBOT_TOTAL_TIMEOUT", None, minimum=0.001),
+    "FLUSH_INTERVAL": env_number("CHATBOT_FLUSH_INTERVAL", None, minimum=0.01),
+    "KEEPALIVE_INTERVAL": env_number("CHATBOT_KEEPALIVE_INTERVAL", None, minimum=0.01),
+    "CANCEL_ON_DISCONNECT": env_bool("CHATBOT_CANCEL_ON_DISCONNECT", None),
+    "ALLOW_ANONYMOUS": env_bool("CHATBOT_ALLOW_ANONYMOUS", None),
+    "REQUESTS_PER_MINUTE": env_number("CHATBOT_REQUESTS_PER_MINUTE", None, int, minimum=0),
+    "CONCURRENT_STREAMS": env_number("CHATBOT_CONCURRENT_STREAMS", None, int, minimum=0),
+    "TOKENS_PER_DAY": env_number("CHATBOT_TOKENS_PER_DAY", None, int, minimum=0),
+    "LOGIN_FAILURES_PER_ACCOUNT": env_number("CHATBOT_LOGIN_FAILURES_PER_ACCOUNT", None, int, minimum=0),
+    "LOGIN_FAILURES_PER_IP": env_number("CHATBOT_LOGIN_FAILURES_PER_IP", None, int, minimum=0),
+    "LOGIN_LOCKOUT_SECONDS": env_number("CHATBOT_LOGIN_LOCKOUT_SECONDS", None, int, minimum=1),
+    "METRICS_TOKEN": os.environ.get("CHATBOT_METRICS_TOKEN"),
+    "METRICS_ALLOWED_IPS": env_list("CHATBOT_METRICS_ALLOWED_IPS", None),
+    "OPENAI_MAX_RETRIES": env_number("OPENAI_MAX_RETRIES", None, int, minimum=0),
+    "EVENT_LOG": os.environ.get("CHATBOT_EVENT_LOG") or ("redis" if REDIS_URL else None),
+    "EVENT_LOG_TTL": env_number("CHATBOT_EVENT_LOG_TTL", None, minimum=1),
+    "ORPHAN_AFTER": env_number("CHATBOT_ORPHAN_AFTER", None, minimum=1),
+    "SHUTDOWN_GRACE": env_number("CHATBOT_SHUTDOWN_GRACE", None, minimum=0),
 }
-if CHATBOT["PROVIDER"] not in {"openai", "local"}:
-    raise ImproperlyConfigured(
-        f"CHATBOT_PROVIDER={CHATBOT['PROVIDER']!r} is not supported: use 'openai' or 'local'."
-    )
-if CHATBOT["EVENT_LOG"] not in {"memory", "redis"} or (CHATBOT["EVENT_LOG"] == "redis" and not REDIS_URL):
-    raise ImproperlyConfigured(
-        f"CHATBOT_EVENT_LOG={CHATBOT['EVENT_LOG']!r}: use 'memory', or 'redis' together with "
-        "REDIS_URL=redis://host:6379/0."
-    )
-if CHATBOT["PROVIDER"] == "openai" and not OPENAI_API_KEY:
+CHATBOT = {key: value for key, value in _chatbot_env.items() if value is not None and value != ""}
+if CHATBOT.get("PROVIDER") == "openai" and not OPENAI_API_KEY:
     raise ImproperlyConfigured(
         "CHATBOT_PROVIDER=openai needs OPENAI_API_KEY. Set it in the environment or .env "
         "(any non-empty value works for a local OpenAI-compatible server at OPENAI_BASE_URL), "

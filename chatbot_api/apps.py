@@ -8,4 +8,6 @@ class ChatbotApiConfig(AppConfig):
 
     def ready(self):
         # System checks, the OpenAPI auth extension, and hooks that reset cached clients.
-        from . import checks, schema, signals  # noqa: F401
+        from . import checks, conf, schema, signals  # noqa: F401
+
+        conf.validate()  # an unknown CHATBOT key stops the process here, with the valid ones

@@ -34,9 +34,12 @@ def upstream(fake_server, settings):
 
 @pytest.fixture
 def chatbot_settings(settings):
-    """Change CHATBOT settings for one test: `chatbot_settings(IDLE_TIMEOUT=0.2)`."""
+    """Change CHATBOT settings for one test: `chatbot_settings(IDLE_TIMEOUT=0.2)`; unknown keys fail."""
+    from chatbot_api.conf import DEFAULTS
 
     def update(**values):
+        unknown = set(values) - set(DEFAULTS)
+        assert not unknown, f"not chatbot settings: {unknown}"
         settings.CHATBOT = {**settings.CHATBOT, **values}
 
     return update

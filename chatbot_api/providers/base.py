@@ -68,16 +68,24 @@ class Chunk:
 
 
 class Provider:
-    """Base class of model backends.
+    """Base class of model backends (register one: docs/providers.md).
 
-    Subclasses set `name`, `model_id` and `context_window` and override `stream()`.
-    Raise `chatbot_api.errors.ProviderError` (with a clear message and a `code`)
-    for failures the user should see.
+    Subclasses set `name` and override `from_settings()` and `stream()`; the
+    capabilities are attributes: `model_id` (the model this instance serves, from
+    `CHATBOT["MODEL"]` or `default_model`), `context_window` (tokens), `count_tokens()`.
+    Raise `chatbot_api.errors.ProviderError` (with a clear message and a `code`) for
+    failures the user should see.
     """
 
     name: str = ""
+    default_model: str = ""
     model_id: str = ""
     context_window: int = 8192
+
+    @classmethod
+    def from_settings(cls) -> Provider:
+        """Build the provider from `chatbot_setting(...)`; raise ImproperlyConfigured with the fix."""
+        raise NotImplementedError(".from_settings() must be overridden")
 
     async def stream(
         self, messages: list[dict], *, max_tokens: int, temperature: float

@@ -26,9 +26,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from ..conf import chatbot_setting
 from ..errors import ProviderError
 from .base import Chunk, Provider, Usage
 
@@ -82,7 +82,7 @@ def resolve_model_path(configured: str) -> Path:
 def check_local_model() -> list[str]:
     """Problems with the configured local model (empty when it can be found), for a system check."""
     try:
-        resolve_model_path(settings.CHATBOT["LOCAL_MODEL_PATH"])
+        resolve_model_path(chatbot_setting("LOCAL_MODEL_PATH"))
     except ImproperlyConfigured as exc:
         return [str(exc)]
     return []
@@ -106,6 +106,7 @@ def _llama_cpp() -> ModuleType:
 
 class LocalProvider(Provider):
     name = "local"
+    default_model = DEFAULT_MODEL_ID
 
     def __init__(self, *, model_path: Path, model_id: str, n_ctx: int, n_threads: int):
         self.model_path = model_path
@@ -121,14 +122,13 @@ class LocalProvider(Provider):
 
     @classmethod
     def from_settings(cls) -> LocalProvider:
-        conf = settings.CHATBOT
-        configured = conf["LOCAL_MODEL_PATH"]
+        configured = chatbot_setting("LOCAL_MODEL_PATH")
         path = resolve_model_path(configured)
         return cls(
             model_path=path,
-            model_id=conf["MODEL"] or (path.stem if configured else DEFAULT_MODEL_ID),
-            n_ctx=conf["LOCAL_CONTEXT"],
-            n_threads=conf["LOCAL_THREADS"] or os.cpu_count() or 1,
+            model_id=chatbot_setting("MODEL") or (path.stem if configured else DEFAULT_MODEL_ID),
+            n_ctx=chatbot_setting("LOCAL_CONTEXT"),
+            n_threads=chatbot_setting("LOCAL_THREADS") or os.cpu_count() or 1,
         )
 
     async def stream(

@@ -14,14 +14,14 @@ import httpx2
 import openai
 from django.conf import settings
 
+from ..conf import chatbot_setting
 from ..errors import ProviderError
 from .base import Chunk, Provider, bounded_finish_reason, usage_from_counts
-
-DEFAULT_MODEL = "gpt-4.1-nano"
 
 
 class OpenAIProvider(Provider):
     name = "openai"
+    default_model = "gpt-4.1-nano"
     context_window = 128_000
 
     def __init__(
@@ -35,13 +35,12 @@ class OpenAIProvider(Provider):
 
     @classmethod
     def from_settings(cls) -> OpenAIProvider:
-        conf = settings.CHATBOT
         return cls(
             api_key=settings.OPENAI_API_KEY,
             base_url=settings.OPENAI_BASE_URL,
-            model_id=conf["MODEL"] or DEFAULT_MODEL,
-            connect_timeout=conf["CONNECT_TIMEOUT"],
-            max_retries=conf.get("OPENAI_MAX_RETRIES", 1),
+            model_id=chatbot_setting("MODEL") or cls.default_model,
+            connect_timeout=chatbot_setting("CONNECT_TIMEOUT"),
+            max_retries=chatbot_setting("OPENAI_MAX_RETRIES"),
         )
 
     @cached_property
