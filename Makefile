@@ -39,6 +39,8 @@ run: install .env
 
 test: install-dev
 	scripts/ensure-chromium.sh
+	scripts/ensure-node.sh
+	node --test tests/js/
 	$(BIN)/python -m pytest
 	scripts/test-backends.sh
 

@@ -110,6 +110,7 @@ function parseSseBlock(block) {
  * rejects with ConnectionLost if the connection breaks, or the AbortError if aborted.
  */
 async function readEventStream(response, onEvent) {
+  if (response.status === 204 || response.body === null) return; // nothing after the offset: it ended
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   const parser = new SseParser();
   try {

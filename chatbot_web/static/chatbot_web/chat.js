@@ -3,6 +3,7 @@
 // Libraries (vendored, loaded as classic scripts before this module): marked, DOMPurify,
 // highlight.js, and Django's JavaScript catalogue for gettext().
 import { ApiError, ChatApi, ChatSocket, ConnectionLost, isAbort } from "chatbot/api";
+import { AnswerProgress, endStatus, RESUMABLE_STATUSES, retryDelay } from "chatbot/answer-progress";
 
 const gettext = window.gettext ?? ((text) => text);
 const interpolate = window.interpolate ?? ((text) => text);
@@ -448,8 +449,7 @@ class AnswerRun {
     this.text = text; // the user's message, to restore it if the request is refused
     this.replaces = replaces; // the answer being regenerated, put back if the request is refused
     this.sessionId = state.sessionId;
-    this.lastSeq = 0;
-    this.terminal = null;
+    this.progress = new AnswerProgress();
     this.stopRequested = false;
     this.reconnecting = false;
     this.resumed = false; // reconnected at least once
@@ -470,27 +470,29 @@ class AnswerRun {
   }
 
   get finished() {
-    return this.terminal !== null;
+    return this.progress.finished;
+  }
+
+  get lastSeq() {
+    return this.progress.lastSeq;
+  }
+
+  get terminal() {
+    return this.progress.terminal;
   }
 
   handle(event) {
-    // A replay after a reconnect may repeat events: each seq is applied once.
-    if (typeof event.seq === "number") {
-      if (event.seq <= this.lastSeq) return;
-      this.lastSeq = event.seq;
-    }
+    const action = this.progress.apply(event);
+    if (action === null) return; // a replay after a reconnect repeats events: each seq once
     if (this.reconnecting) {
       this.reconnecting = false;
       connection.update();
     }
-    if (event.type === "meta") this.handleMeta(event);
-    else if (event.type === "delta") this.view.append(event.text);
-    else if (event.type === "snapshot") this.view.replaceText(event.text); // the whole text so far
-    else if (event.type === "usage") this.view.completionTokens = event.completion_tokens;
-    else if (event.type === "error" && event.seq === undefined && event.retryable) {
-      // This reader's stream ended (the server restarts, the log is unreachable), not the
-      // answer: the loop in driveRun resumes after lastSeq, on whichever worker answers.
-    } else if (event.type === "done" || event.type === "error") this.terminal = event;
+    if (action.type === "meta") this.handleMeta(action.event);
+    else if (action.type === "append") this.view.append(action.text);
+    else if (action.type === "replace") this.view.replaceText(action.text);
+    else if (action.type === "usage") this.view.completionTokens = action.completionTokens;
+    // "resume" and "end": driveRun reads `finished` when the stream is over.
   }
 
   handleMeta(event) {
@@ -587,7 +589,7 @@ async function catchUpWithStoredText(run) {
 /** A broken connection, or a busy server while following a started answer: try again. */
 function canResumeAfter(error, run) {
   if (error instanceof ConnectionLost) return true;
-  return error instanceof ApiError && run.messageId !== null && [429, 502, 503, 504].includes(error.status);
+  return error instanceof ApiError && run.messageId !== null && RESUMABLE_STATUSES.has(error.status);
 }
 
 function finishRun(run) {
@@ -596,7 +598,7 @@ function finishRun(run) {
     run.view.finish({ status: event.status });
     announce(run.view.body.textContent);
   } else {
-    run.view.finish({ status: event.status ?? "failed", errorCode: event.code });
+    run.view.finish({ status: endStatus(event), errorCode: event.code });
     announce(errorText(event.code));
   }
   refreshConversations();
@@ -631,8 +633,7 @@ function undoSend(run, error) {
 }
 
 function waitBeforeRetry(attempt, signal, retryAfterSeconds = null) {
-  const backoff = Math.min(10_000, 500 * 2 ** attempt) * (0.75 + Math.random() / 2);
-  const delay = Math.max(backoff, (retryAfterSeconds ?? 0) * 1000);
+  const delay = retryDelay(attempt, retryAfterSeconds);
   return new Promise((resolve, reject) => {
     const finish = (settle) => {
       clearTimeout(timer);
@@ -722,9 +723,11 @@ async function jsonAnswer(view, runOptions, request) {
     view.completionTokens = body.usage?.completion_tokens ?? null;
     view.streamed = Boolean(body.is_streaming);
     view.text = body.response ?? "";
-    run.terminal = body.success
-      ? { type: "done", status: body.status }
-      : { type: "error", code: body.code ?? "error" };
+    run.progress.apply(
+      body.success
+        ? { type: "done", status: body.status }
+        : { type: "error", status: body.status, code: body.code ?? "error", retryable: false },
+    );
     finishRun(run);
   } catch (error) {
     if (isAbort(error)) return;

@@ -1,0 +1,64 @@
+// What one answer's events mean, without the page: which to apply, once each and in order,
+// when the answer has ended, and when the reader must resume instead. DOM-free, so Node's
+// test runner checks it (tests/js/); chat.js turns its actions into what the user sees.
+
+/**
+ * The progress of reading one answer. `apply(event)` returns the action the event calls for,
+ * or null when it must be skipped (a repeat after a resume):
+ *   {type: "meta", event} | {type: "append", text} | {type: "replace", text}
+ *   {type: "usage", completionTokens} | {type: "end", event} | {type: "resume", code}
+ */
+export class AnswerProgress {
+  constructor() {
+    this.lastSeq = 0; // the last seq applied: a resume asks for the events after it
+    this.terminal = null;
+  }
+
+  get finished() {
+    return this.terminal !== null;
+  }
+
+  apply(event) {
+    if (typeof event.seq === "number") {
+      if (event.seq <= this.lastSeq) return null;
+      this.lastSeq = event.seq;
+    }
+    switch (event.type) {
+      case "meta":
+        return { type: "meta", event };
+      case "delta":
+        return { type: "append", text: event.text };
+      case "snapshot": // the whole text so far, rebuilt from the database: it replaces ours
+        return { type: "replace", text: event.text };
+      case "usage":
+        return { type: "usage", completionTokens: event.completion_tokens };
+      case "error":
+        // No seq: this reader's stream ended (server restarting, event log unreachable), not
+        // the answer. Retryable ones are resumed after lastSeq, on whichever worker answers.
+        if (event.seq === undefined && event.retryable) return { type: "resume", code: event.code };
+        this.terminal = event;
+        return { type: "end", event };
+      case "done":
+        this.terminal = event;
+        return { type: "end", event };
+      default:
+        return null; // a type this page does not know: newer servers may add some
+    }
+  }
+}
+
+/** How an ended answer is shown: the terminal event says it (error events carry `status`). */
+export function endStatus(terminal) {
+  if (terminal.type === "done") return terminal.status;
+  return terminal.status ?? "failed";
+}
+
+/** Milliseconds before resume attempt `attempt` (0, 1, ...): exponential with jitter, capped,
+ *  and never sooner than the server's Retry-After. */
+export function retryDelay(attempt, retryAfterSeconds = null, random = Math.random) {
+  const backoff = Math.min(10_000, 500 * 2 ** attempt) * (0.75 + random() / 2);
+  return Math.max(backoff, (retryAfterSeconds ?? 0) * 1000);
+}
+
+/** HTTP statuses after which a started answer is read again instead of given up. */
+export const RESUMABLE_STATUSES = new Set([429, 502, 503, 504]);

@@ -1,0 +1,88 @@
+// The page's DOM-free logic, with Node's built-in test runner: `node --test tests/js/`.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+
+import {
+  AnswerProgress,
+  endStatus,
+  RESUMABLE_STATUSES,
+  retryDelay,
+} from "../../chatbot_web/static/chatbot_web/answer-progress.js";
+
+const meta = { type: "meta", seq: 1, message_id: "m", session_id: "s", model: "x" };
+
+function applyAll(progress, events) {
+  return events.map((event) => progress.apply(event)).filter(Boolean);
+}
+
+test("each seq is applied once, in order, across a resume that repeats events", () => {
+  const progress = new AnswerProgress();
+  const first = applyAll(progress, [meta, { type: "delta", seq: 2, text: "Hel" }]);
+  const resumed = applyAll(progress, [
+    { type: "delta", seq: 2, text: "Hel" }, // the replay repeats what we had
+    { type: "delta", seq: 3, text: "lo" },
+    { type: "usage", seq: 4, completion_tokens: 2 },
+    { type: "done", seq: 5, status: "complete", finish_reason: "stop" },
+  ]);
+
+  assert.deepEqual(
+    [...first, ...resumed].map((action) => action.type),
+    ["meta", "append", "append", "usage", "end"],
+  );
+  assert.equal(resumed[0].text, "lo");
+  assert.equal(progress.lastSeq, 5);
+  assert.ok(progress.finished);
+});
+
+test("a snapshot replaces the text", () => {
+  const progress = new AnswerProgress();
+  progress.apply(meta);
+  progress.apply({ type: "delta", seq: 2, text: "partial" });
+
+  assert.deepEqual(progress.apply({ type: "snapshot", seq: 7, text: "the whole answer" }), {
+    type: "replace",
+    text: "the whole answer",
+  });
+  assert.equal(progress.lastSeq, 7);
+});
+
+test("a reader's own retryable end (no seq) asks for a resume, not an end", () => {
+  const progress = new AnswerProgress();
+  progress.apply(meta);
+  const action = progress.apply({ type: "error", code: "server_shutdown", retryable: true, message_id: "m" });
+
+  assert.deepEqual(action, { type: "resume", code: "server_shutdown" });
+  assert.equal(progress.finished, false);
+  assert.equal(progress.lastSeq, 1, "resume after the last real event");
+});
+
+test("a reader's end that is not retryable, and the answer's own error, end it", () => {
+  const gone = new AnswerProgress();
+  assert.equal(gone.apply({ type: "error", code: "message_not_found", retryable: false }).type, "end");
+  assert.ok(gone.finished);
+
+  const failed = new AnswerProgress();
+  const error = { type: "error", seq: 3, status: "interrupted", code: "interrupted", retryable: true };
+  assert.equal(failed.apply(error).type, "end", "with a seq it is the answer's end, even if retryable");
+  assert.equal(endStatus(failed.terminal), "interrupted");
+});
+
+test("how an ended answer is shown comes from its terminal event", () => {
+  assert.equal(endStatus({ type: "done", status: "stopped" }), "stopped");
+  assert.equal(endStatus({ type: "error", status: "failed", code: "upstream_error" }), "failed");
+  assert.equal(endStatus({ type: "error", code: "upstream_error" }), "failed", "an older server");
+});
+
+test("unknown event types are skipped", () => {
+  assert.equal(new AnswerProgress().apply({ type: "future-thing", seq: 1 }), null);
+});
+
+test("resume delays grow, are capped, jittered, and respect Retry-After", () => {
+  const noJitter = () => 0.5;
+  assert.deepEqual([0, 1, 2, 3].map((n) => retryDelay(n, null, noJitter)), [500, 1000, 2000, 4000]);
+  assert.equal(retryDelay(20, null, noJitter), 10_000);
+  assert.equal(retryDelay(0, 30, noJitter), 30_000);
+  assert.equal(retryDelay(0, null, () => 0), 375);
+  assert.equal(retryDelay(0, null, () => 1), 625);
+  assert.ok(RESUMABLE_STATUSES.has(503) && !RESUMABLE_STATUSES.has(400));
+});
