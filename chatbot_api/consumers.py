@@ -12,10 +12,11 @@ from rest_framework.exceptions import ValidationError
 
 from . import selectors, services
 from .errors import UNAVAILABLE_ERRORS, ChatbotError, api_exception_handler
-from .eventlog import KEEPALIVE
 from .identity import owner_for_scope
 from .parsers import loads_frame
 from .serializers import ChatRequestSerializer
+from .streaming.follow import follow_events
+from .streaming.transports import pump_websocket
 
 logger = logging.getLogger("chatbot.websocket")
 
@@ -135,10 +136,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             del self.followers[message_id]
 
     async def _pump(self, message, after: int) -> None:
-        async with contextlib.aclosing(services.follow_events(message=message, after=after)) as events:
-            async for item in events:
-                if item is not KEEPALIVE:  # WebSocket servers ping at the protocol level
-                    await self.send(text_data=item.json)
+        await pump_websocket(
+            follow_events(message=message, after=after), lambda text: self.send(text_data=text)
+        )
 
     async def _send_error(self, content: dict, error: Exception) -> None:
         response = api_exception_handler(error, {})

@@ -2,11 +2,45 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from rest_framework.authtoken.models import Token
 from rest_framework.exceptions import NotAuthenticated
 
 from .conf import chatbot_setting
-from .selectors import Owner
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who is asking: a signed-in user, or an anonymous browser session."""
+
+    user_id: int | None = None
+    session_key: str | None = None
+    # Where the request came from: anonymous callers are rate-limited per IP.
+    client_ip: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        if self.user_id is None and not self.session_key:
+            raise ValueError("an owner needs a user or a session key")
+
+    @property
+    def lookup(self) -> dict:
+        if self.user_id is not None:
+            return {"user_id": self.user_id}
+        return {"user__isnull": True, "session_key": self.session_key}
+
+    @property
+    def create_kwargs(self) -> dict:
+        if self.user_id is not None:
+            return {"user_id": self.user_id}
+        return {"session_key": self.session_key}
+
+    @property
+    def rate_key(self) -> str:
+        """Whom the rate limits count: the user, else the client IP (a new session must not reset them)."""
+        if self.user_id is not None:
+            return f"user:{self.user_id}"
+        return f"ip:{self.client_ip}" if self.client_ip else f"session:{self.session_key}"
 
 
 async def owner_for(request) -> Owner:

@@ -8,8 +8,8 @@ import logging
 import signal
 import threading
 
-from .generation import get_manager, sweep_orphans
 from .providers import get_provider
+from .streaming.manager import get_manager, sweep_orphans
 
 logger = logging.getLogger("chatbot.lifespan")
 

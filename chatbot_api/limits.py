@@ -13,18 +13,26 @@ the counters are shared by every worker of the cluster.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from asgiref.sync import sync_to_async
 from django.core.cache import cache
 
+from . import metrics
 from .conf import chatbot_setting
 from .errors import ChatbotError
 from .models import UserQuota
 
+logger = logging.getLogger("chatbot.limits")
+
 # How long a stream slot may stay counted if its worker dies without releasing it.
 STREAM_SLOT_GRACE = 60
+# Background attempts to give back a slot the cache refused (back-off up to 15 s each).
+RELEASE_RETRIES = 12
 
 
 class RateLimited(ChatbotError):
@@ -162,3 +170,51 @@ def _seconds_to_midnight(now: float) -> int:
 
 
 rate_limiter = RateLimiter()
+
+
+# The one place slots are taken and given back (the request, the generation's end, the sweep).
+
+
+async def take_slot(client_key: str, user_id: int | None) -> bool:
+    """`acquire()` off the event loop: whether a concurrency slot was taken (RateLimited if refused)."""
+    try:
+        # The request's own thread (asgiref's): acquire() reads the user's quota from the database.
+        return await sync_to_async(rate_limiter.acquire)(client_key, user_id)
+    except RateLimited as error:
+        metrics.RATE_LIMITED.labels(error.limit).inc()
+        raise
+
+
+async def give_back(client_key: str, *, slot: bool, tokens: int = 0) -> None:
+    """Free an answer's slot and charge its tokens, on a thread of its own.
+
+    The counters live in the cache (Redis in a cluster): a slow or frozen cache must not
+    hold up the caller, and a release it refused is retried in the background until it
+    works, so no slot stays taken for longer than the cache is down.
+    """
+    if not client_key or not (slot or tokens):
+        return
+    if not await _release(client_key, slot, tokens, log_failure=False):
+        from .streaming.tasks import detached_task
+
+        detached_task(_release_later(client_key, slot, tokens), name=f"release-{client_key}")
+
+
+async def _release(client_key: str, slot: bool, tokens: int, *, log_failure: bool) -> bool:
+    try:
+        await asyncio.to_thread(rate_limiter.release, client_key, tokens=tokens, slot=slot)
+        return True
+    except Exception:
+        if log_failure:
+            logger.error("releasing the rate-limit slot of %s failed", client_key, exc_info=True)
+        return False
+
+
+async def _release_later(client_key: str, slot: bool, tokens: int) -> None:
+    delay = 0.5
+    for _attempt in range(RELEASE_RETRIES):  # about two minutes; after that the slot expires by itself
+        await asyncio.sleep(delay)
+        if await _release(client_key, slot, tokens, log_failure=False):
+            return
+        delay = min(delay * 2, 15)
+    await _release(client_key, slot, tokens, log_failure=True)

@@ -13,7 +13,7 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
-from . import login_throttle, selectors, services, transports
+from . import login_throttle, selectors, services
 from .errors import ChatbotError, status_for_code
 from .identity import owner_for
 from .limits import rate_limiter
@@ -30,6 +30,7 @@ from .serializers import (
     StreamEventSerializer,
     UsageReportSerializer,
 )
+from .streaming import follow, transports
 
 EVENTS_DESCRIPTION = (
     "Events are JSON objects with `type`, `seq` and `message_id`: `meta`, `delta` {text}, `usage`, then "
@@ -86,7 +87,7 @@ class ChatView(ApiView):
 
 async def answer_response(turn: services.Turn, *, transport: str, is_streaming: bool):
     """The new answer in the negotiated transport: a stream, or the seed's assembled JSON."""
-    events = services.follow_events(message=turn.assistant_message)
+    events = follow.follow_events(message=turn.assistant_message)
     if transport == "sse":
         return transports.sse_response(events)
     if transport == "ndjson":
@@ -179,9 +180,9 @@ class MessageEventsView(ApiView):
         """Replay a message's events after an offset, then follow it live to its terminal event."""
         after = _after_from(request)
         message = await selectors.message_get(owner=await owner_for(request), message_id=message_id)
-        if not await services.events_after(message=message, after=after):
+        if not await follow.events_after(message=message, after=after):
             return HttpResponse(status=status.HTTP_204_NO_CONTENT)
-        return transports.sse_response(services.follow_events(message=message, after=after))
+        return transports.sse_response(follow.follow_events(message=message, after=after))
 
 
 class MessageDetailView(ApiView):

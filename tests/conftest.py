@@ -50,8 +50,8 @@ def fresh_manager():
     """Every test gets its own generation manager, event logs and rate-limit counters."""
     from django.core.cache import cache
 
-    from chatbot_api.generation import reset_manager
     from chatbot_api.providers import reset_provider
+    from chatbot_api.streaming.manager import reset_manager
 
     cache.clear()
     reset_manager()
@@ -64,8 +64,8 @@ def fresh_manager():
 @pytest.fixture
 async def manager(fresh_manager):
     """The generation manager, shut down (answers saved) when the test ends."""
-    from chatbot_api.generation import get_manager
     from chatbot_api.providers import get_provider
+    from chatbot_api.streaming.manager import get_manager
 
     manager = get_manager()
     yield manager

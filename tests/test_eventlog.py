@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from chatbot_api.eventlog import KEEPALIVE, InMemoryEventLog, LogGap, LogNotFound
-from chatbot_api.eventlog_redis import RedisEventLog
+from chatbot_api.streaming.eventlog import KEEPALIVE, InMemoryEventLog, LogGap, LogNotFound
+from chatbot_api.streaming.eventlog_redis import RedisEventLog
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -163,7 +163,7 @@ async def test_redis_readers_in_the_generations_process_hold_no_connection():
 
 @pytest.mark.redis
 async def test_redis_copies_appends_in_batches_and_a_terminal_event_before_returning(monkeypatch):
-    from chatbot_api import eventlog_redis
+    from chatbot_api.streaming import eventlog_redis
 
     batches = []
     write = eventlog_redis._Writer._write

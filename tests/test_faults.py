@@ -320,7 +320,7 @@ async def expire_log(log, message_id) -> None:
     """Make a log disappear as its TTL would (in this process's memory, and in Redis if shared)."""
     from uuid import UUID
 
-    from chatbot_api.eventlog_redis import RedisEventLog
+    from chatbot_api.streaming.eventlog_redis import RedisEventLog
 
     if isinstance(log, RedisEventLog):
         await log._redis().delete(log._key(UUID(message_id)))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from django.test import AsyncClient
 
-from chatbot_api import generation
-from chatbot_api.eventlog_redis import RedisEventLog
-from chatbot_api.generation import GenerationManager
 from chatbot_api.models import Message
+from chatbot_api.streaming import manager as generation
+from chatbot_api.streaming.eventlog_redis import RedisEventLog
+from chatbot_api.streaming.manager import GenerationManager
 from tests.conftest import parse_sse
 from tests.support.clients import wait_for_status
 from tests.support.fake_openai import Script

@@ -13,8 +13,9 @@ import pytest
 from django.test import AsyncClient
 from django.utils import timezone
 
-from chatbot_api.generation import _write_partials, sweep_orphans
 from chatbot_api.models import Conversation, Message
+from chatbot_api.streaming.manager import sweep_orphans
+from chatbot_api.streaming.store import _write_partials
 from tests.conftest import parse_sse
 from tests.support.clients import wait_for_status
 from tests.support.fake_openai import Script
@@ -259,7 +260,7 @@ async def test_partial_text_is_flushed_in_batches_not_per_token(upstream, manage
     chatbot_settings(FLUSH_INTERVAL=0.1)
     upstream.enqueue(Script(chunks=["x"] * 300))
     fast = await read_frames(await start_sse(AsyncClient(), {"message": "Hi"}))
-    fast_flushes = manager.flush_count
+    fast_flushes = manager.store.flush_count
 
     upstream.enqueue(Script(chunks=["y"] * 10, interval=0.06))
     client = AsyncClient()
@@ -268,7 +269,7 @@ async def test_partial_text_is_flushed_in_batches_not_per_token(upstream, manage
     await asyncio.sleep(0.15)
     partial = await Message.objects.aget(pk=frames[0][1]["data"]["message_id"])
     await read_frames(await client.get(f"/api/messages/{partial.id}/events?after=5"))
-    slow_flushes = manager.flush_count - fast_flushes
+    slow_flushes = manager.store.flush_count - fast_flushes
 
     assert len(text_of(fast)) == 300 and fast_flushes <= 2, "300 tokens at once: one or two writes, not 300"
     assert 3 <= slow_flushes <= 8, "a 0.6 s answer flushed about every 0.1 s"

@@ -301,7 +301,7 @@ def test_network_drop_mid_answer_resumes_without_duplicates(open_page, upstream,
 
 def test_resume_after_the_event_log_expired_shows_the_saved_text(open_page, upstream, live_server_url):
     """The server rebuilds a resumed stream from the database: the page still ends complete."""
-    from chatbot_api.generation import get_manager
+    from chatbot_api.streaming.manager import get_manager
 
     log = get_manager().log  # the running server's: finished logs now expire at once
     log.ttl, log.purge_every = 0.05, 0.0

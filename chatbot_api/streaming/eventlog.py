@@ -221,3 +221,18 @@ class InMemoryEventLog(EventLog):
         ]
         for key in expired:
             del self._streams[key]
+
+
+def event_log_from_settings() -> EventLog:
+    """The configured backend: this process's memory, or Redis Streams shared by a cluster."""
+    from ..conf import chatbot_setting
+
+    ttl = chatbot_setting("EVENT_LOG_TTL")
+    if chatbot_setting("EVENT_LOG") == "redis":
+        from django.conf import settings
+
+        from .eventlog_redis import RedisEventLog
+
+        # A log whose worker died without a terminal event expires after the longest answer.
+        return RedisEventLog(url=settings.REDIS_URL, ttl=ttl, max_age=chatbot_setting("TOTAL_TIMEOUT") + ttl)
+    return InMemoryEventLog(ttl=ttl)

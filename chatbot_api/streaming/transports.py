@@ -1,4 +1,4 @@
-"""Thin views of one event stream: SSE, NDJSON and the seed's assembled JSON.
+"""Thin views of one event stream: SSE, NDJSON, the seed's assembled JSON, WebSocket frames.
 
 Each function takes the async iterator from `services.follow_events()` and only
 changes the framing. Under ASGI every chunk is handed to the server as soon as it
@@ -85,6 +85,14 @@ async def collect(events: AsyncIterator) -> Answer:
             if item is not KEEPALIVE:
                 answer.add(item)
     return answer
+
+
+async def pump_websocket(events: AsyncIterator, send_text) -> None:
+    """The WebSocket framing: one text frame per event (servers ping at the protocol level)."""
+    async with aclosing(events):
+        async for item in events:
+            if item is not KEEPALIVE:
+                await send_text(item.json)
 
 
 class EventStreamRenderer(BaseRenderer):

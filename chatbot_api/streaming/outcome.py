@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..errors import ChatbotError
+from ..models import Message
+from ..providers.base import Usage
 from . import events as ev
-from .errors import ChatbotError
-from .models import Message
-from .providers.base import Usage
 
 Status = Message.Status
 
