@@ -40,6 +40,7 @@ run: install .env
 test: install-dev
 	scripts/ensure-chromium.sh
 	scripts/ensure-node.sh
+	$(BIN)/ruff check .
 	node --test tests/js/
 	$(BIN)/python -m pytest
 	scripts/test-backends.sh

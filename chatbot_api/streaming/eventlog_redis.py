@@ -148,6 +148,12 @@ class RedisEventLog(EventLog):
                 async for event in events:
                     yield event
             return
+        async with aclosing(self._read_shared(message_id, after, keepalive)) as events:
+            async for event in events:
+                yield event
+
+    async def _read_shared(self, message_id: UUID, after: int, keepalive: float | None) -> AsyncIterator:
+        """A reader in another process than the generation's: XRANGE, then XREAD BLOCK in slices."""
         client = self._redis(reader=True)
         key = self._key(message_id)
         if not await client.exists(key):
@@ -163,11 +169,7 @@ class RedisEventLog(EventLog):
         position = max(after, 0)  # the seq of the last event yielded
         entries = await self._range_after(client, key, position)
         while True:
-            for _id, fields in entries:
-                payload = fields.get(b"e")
-                if payload is None:  # the open marker
-                    continue
-                event = _decode(payload)
+            for event in _events_of(entries):
                 if event.seq <= position:  # re-read after a gap or an outage
                     continue
                 if event.seq != position + 1:
@@ -409,6 +411,11 @@ def _is_duplicate(error: Exception) -> bool:
 def _settle(future: asyncio.Future | None) -> None:
     if future is not None and not future.done():
         future.set_result(None)
+
+
+def _events_of(entries) -> list[Event]:
+    """The events of XRANGE/XREAD entries (the open marker has none)."""
+    return [_decode(fields[b"e"]) for _id, fields in entries if b"e" in fields]
 
 
 def _decode(payload: bytes) -> Event:

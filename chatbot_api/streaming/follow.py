@@ -59,72 +59,110 @@ class _EndFromDatabase(Exception):
     """The log will not end by itself: finish the reader from the saved message."""
 
 
-async def _message_events(*, message: Message, after: int) -> AsyncIterator:
-    manager = get_manager()
-    log = manager.log
-    keepalive = chatbot_setting("KEEPALIVE_INTERVAL")
-    # A silent reader checks this often that the answer's worker is still alive.
-    check_every = min(keepalive, max(chatbot_setting("ORPHAN_AFTER") / 3, 0.05))
-    clock = asyncio.get_running_loop().time
-    last_sent = clock()
-    position = after
-    try:
+def _message_events(*, message: Message, after: int) -> AsyncIterator:
+    return _Reader(message, after).events()
+
+
+class _Ended(Exception):
+    """The reader is done: the log's terminal event was read, or it was already past it."""
+
+
+class _Reader:
+    """One reader of one answer: its position, its silence, and how it ends."""
+
+    def __init__(self, message: Message, after: int):
+        self.message = message
+        self.position = after  # the seq of the last event yielded
+        self.manager = get_manager()
+        self.keepalive = chatbot_setting("KEEPALIVE_INTERVAL")
+        # A silent reader checks this often that the answer's worker is still alive.
+        self.check_every = min(self.keepalive, max(chatbot_setting("ORPHAN_AFTER") / 3, 0.05))
+        self.clock = asyncio.get_running_loop().time
+        self.last_sent = self.clock()
+
+    async def events(self) -> AsyncIterator:
+        """The events after the offset, then exactly one terminal event (or none past the end)."""
+        message_id = self.message.id
+        try:
+            async for item in self._follow():
+                yield item
+        except _Ended:
+            return
+        except _Stopping:
+            yield ev.Event.for_reader(
+                "server_shutdown",
+                "This server is restarting; resume the answer to go on reading it.",
+                message_id,
+            )
+            return
+        except MessageGone:
+            yield ev.Event.for_reader(
+                "message_not_found", "This answer was deleted.", message_id, retryable=False
+            )
+            return
+        except (LogGap, *UNAVAILABLE_ERRORS) as error:
+            logger.warning("reader of %s ended: %s: %s", message_id, error.__class__.__name__, error)
+            yield ev.Event.for_reader(
+                "server_busy", "The answer's event stream is unreachable for now; resume shortly.", message_id
+            )
+            return
+        except _EndFromDatabase:
+            pass
+        # No log (expired, or lost with its worker), or one that will never end: the database has it.
+        for event in await self._from_database():
+            yield event
+
+    async def _follow(self) -> AsyncIterator:
+        """Read the log; while there is none, wait for it as long as the answer may come back."""
         while True:
             try:
-                reader = log.read(message.id, after=position, keepalive=check_every)
-                if not manager.is_running(message.id):
-                    # Nothing here will end this reader when the server stops: the race will.
-                    reader = _until_stopping(reader, manager.stopping)
-                async with aclosing(reader):
-                    async for item in reader:
-                        if item is KEEPALIVE:
-                            if await _log_is_abandoned(message.id, manager):
-                                raise _EndFromDatabase
-                            if clock() - last_sent >= keepalive * 0.9:
-                                last_sent = clock()
-                                yield KEEPALIVE
-                            continue
-                        position = item.seq
-                        last_sent = clock()
-                        yield item
-                        if item.is_terminal:
-                            return
-                return  # at or past the end of an ended log
+                async for item in self._from_log():
+                    yield item
             except LogNotFound:
                 pass
-            if not await _log_may_come_back(message.id, manager):
-                break
-            await asyncio.sleep(check_every)
-            if clock() - last_sent >= keepalive * 0.9:
-                last_sent = clock()
+            if not await _log_may_come_back(self.message.id, self.manager):
+                raise _EndFromDatabase
+            await asyncio.sleep(self.check_every)
+            if self._keepalive_due():
                 yield KEEPALIVE
-    except _Stopping:
-        yield ev.Event.for_reader(
-            "server_shutdown", "This server is restarting; resume the answer to go on reading it.", message.id
-        )
-        return
-    except _EndFromDatabase:
-        pass
-    except MessageGone:
-        yield ev.Event.for_reader(
-            "message_not_found", "This answer was deleted.", message.id, retryable=False
-        )
-        return
-    except (LogGap, *UNAVAILABLE_ERRORS) as error:
-        logger.warning("reader of %s ended: %s: %s", message.id, error.__class__.__name__, error)
-        yield ev.Event.for_reader(
-            "server_busy", "The answer's event stream is unreachable for now; resume shortly.", message.id
-        )
-        return
-    # No log (expired, or lost with its worker), or one that will never end: the database has it.
-    await message.arefresh_from_db()
-    events = stored_events(message, after=position)
-    if message.last_seq is None and not message.is_live:
-        # The log's numbering is lost with it: the first replay fixes one, so that a
-        # reader resuming at its end is told there is nothing more (204), not a new end.
-        await Message.objects.filter(pk=message.pk, last_seq__isnull=True).aupdate(last_seq=events[-1].seq)
-    for event in events:
-        yield event
+
+    async def _from_log(self) -> AsyncIterator:
+        reader = self.manager.log.read(self.message.id, after=self.position, keepalive=self.check_every)
+        if not self.manager.is_running(self.message.id):
+            # Nothing here will end this reader when the server stops: the race will.
+            reader = _until_stopping(reader, self.manager.stopping)
+        async with aclosing(reader):
+            async for item in reader:
+                if item is KEEPALIVE:
+                    if await _log_is_abandoned(self.message.id, self.manager):
+                        raise _EndFromDatabase
+                    if self._keepalive_due():
+                        yield KEEPALIVE
+                    continue
+                self.position = item.seq
+                self.last_sent = self.clock()
+                yield item
+                if item.is_terminal:
+                    raise _Ended
+        raise _Ended  # the log had ended, and the reader was at or past its end
+
+    def _keepalive_due(self) -> bool:
+        if self.clock() - self.last_sent < self.keepalive * 0.9:
+            return False
+        self.last_sent = self.clock()
+        return True
+
+    async def _from_database(self) -> list[ev.Event]:
+        message = self.message
+        await message.arefresh_from_db()
+        events = stored_events(message, after=self.position)
+        if message.last_seq is None and not message.is_live:
+            # The log's numbering is lost with it: the first replay fixes one, so that a
+            # reader resuming at its end is told there is nothing more (204), not a new end.
+            await Message.objects.filter(pk=message.pk, last_seq__isnull=True).aupdate(
+                last_seq=events[-1].seq
+            )
+        return events
 
 
 class _Stopping(Exception):

@@ -86,6 +86,10 @@ class Generation:
         self.time_limits = TimeLimits.from_settings()
         self.parts: list[str] = []
         self.last_seq = 0  # of the last event this generation logged
+        self.first_token_at: float | None = None  # loop time
+        self.finish_reason = ""
+        self.usage: Usage | None = None  # as the provider counted it
+        self.limit = "first_token"  # the time limit running now
         self.task: asyncio.Task | None = None
         # Why we cancelled our own task: "stopped" (the user) or "interrupted" (shutdown).
         self.cancel_reason: str | None = None
@@ -103,16 +107,8 @@ class Generation:
         self.last_seq = event.seq
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        first_token_at: float | None = None
-        finish_reason = ""
-        usage: Usage | None = None
+        started = asyncio.get_running_loop().time()
         stream = self.stream
-        limits = self.time_limits
-        total_deadline = started + limits.total
-        deadline = min(started + limits.first_token, total_deadline)
-        limit = "first_token" if deadline < total_deadline else "total"
         try:
             await self.append(
                 ev.META,
@@ -123,41 +119,17 @@ class Generation:
                     "provider": self.provider.name,
                 },
             )
-            while True:
-                # The time limits cover waiting for the model only: a limit that fires
-                # during a log append (a Redis round trip) could be lost in the client
-                # library's own cancellation handling, and the answer would run on unlimited.
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        chunk = await anext(stream)
-                except StopAsyncIteration:
-                    break
-                now = loop.time()
-                if chunk.text:
-                    if first_token_at is None:
-                        first_token_at = now
-                    text = storable_text(chunk.text)
-                    self.parts.append(text)
-                    await self.append(ev.DELTA, {"text": text})
-                    self.store.mark_dirty(self)
-                if chunk.finish_reason:
-                    finish_reason = chunk.finish_reason
-                if chunk.usage is not None:
-                    usage = chunk.usage
-                if first_token_at is not None:
-                    idle_deadline = now + limits.idle
-                    limit = "idle" if idle_deadline < total_deadline else "total"
-                    deadline = min(idle_deadline, total_deadline)
-            outcome = Outcome.complete(finish_reason)
+            await self._read_stream(started)
+            outcome = Outcome.complete(self.finish_reason)
         except TimeoutError:
-            outcome = Outcome.failed(GenerationTimeout(limit, getattr(limits, limit)))
+            outcome = Outcome.failed(GenerationTimeout(self.limit, getattr(self.time_limits, self.limit)))
         except ChatbotError as error:
             outcome = Outcome.failed(error)
         except asyncio.CancelledError:
             outcome = Outcome.stopped() if self.cancel_reason == "stopped" else Outcome.interrupted()
             if self.cancel_reason is None:  # not ours: let the canceller see it after we save
                 await _close_quietly(stream)
-                await asyncio.shield(self._finish(outcome, usage, started, first_token_at))
+                await asyncio.shield(self._finish(outcome, started))
                 raise
             asyncio.current_task().uncancel()  # our own stop: the task ends normally
         except Exception as error:  # a bug or an unexpected library error: still end the stream
@@ -166,11 +138,44 @@ class Generation:
                 ProviderError(f"Unexpected error: {error.__class__.__name__}", code="internal")
             )
         await _close_quietly(stream)
-        await self._finish(outcome, usage, started, first_token_at)
+        await self._finish(outcome, started)
 
-    async def _finish(
-        self, outcome: Outcome, usage: Usage | None, started: float, first_token_at: float | None
-    ) -> None:
+    async def _read_stream(self, started: float) -> None:
+        """Log the model's chunks until its stream ends; TimeoutError names `self.limit`.
+
+        The time limits cover waiting for the model only: a limit that fires during a log
+        append (a Redis round trip) could be lost in the client library's own cancellation
+        handling, and the answer would run on unlimited.
+        """
+        loop = asyncio.get_running_loop()
+        limits = self.time_limits
+        total_deadline = started + limits.total
+        deadline = min(started + limits.first_token, total_deadline)
+        self.limit = "first_token" if deadline < total_deadline else "total"
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    chunk = await anext(self.stream)
+            except StopAsyncIteration:
+                return
+            now = loop.time()
+            if chunk.text:
+                if self.first_token_at is None:
+                    self.first_token_at = now
+                text = storable_text(chunk.text)
+                self.parts.append(text)
+                await self.append(ev.DELTA, {"text": text})
+                self.store.mark_dirty(self)
+            if chunk.finish_reason:
+                self.finish_reason = chunk.finish_reason
+            if chunk.usage is not None:
+                self.usage = chunk.usage
+            if self.first_token_at is not None:
+                idle_deadline = now + limits.idle
+                self.limit = "idle" if idle_deadline < total_deadline else "total"
+                deadline = min(idle_deadline, total_deadline)
+
+    async def _finish(self, outcome: Outcome, started: float) -> None:
         """Save the outcome, give the slot back, end the log: each step even if another failed.
 
         Every reader must get exactly one terminal event, and the slot must come back,
@@ -179,8 +184,9 @@ class Generation:
         self.store.forget_dirty(self)
         now = asyncio.get_running_loop().time()
         try:
+            first_token_at = self.first_token_at
             outcome = outcome.with_facts(
-                usage=usage or self._estimated_usage(outcome),
+                usage=self.usage or self._estimated_usage(outcome),
                 duration_ms=round((now - started) * 1000, 3),
                 ttft_ms=round((first_token_at - started) * 1000, 3) if first_token_at is not None else None,
             )

@@ -500,17 +500,8 @@ class FakeOpenAI:
         for i in range(count + 1):
             if i and script.interval:
                 await asyncio.sleep(script.interval)
-            if _triggers(script.malformed_after, i, count):
-                await frame(MALFORMED_FRAME)
-            if _triggers(script.error_frame_after, i, count):
-                await frame(script._error_frame)
-                record._ending = True
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if not await self._scripted_fault(record, send, frame, i, count):
                 return
-            if _triggers(script.drop_after, i, count):
-                raise _DropConnection(f"scripted drop after {record.chunks_sent} chunk(s)")
-            if _triggers(script.hang_after, i, count):
-                await asyncio.Future()  # until the client disconnects (we get cancelled)
             if not role_sent:
                 await frame(prefix + role + tail)
                 role_sent = True
@@ -526,6 +517,23 @@ class FakeOpenAI:
             await frame(prefix + b'],"usage":' + _dumps(self._usage(record)) + b"}\n\n")
         record._ending = True
         await send({"type": "http.response.body", "body": DONE_FRAME, "more_body": False})
+
+    @staticmethod
+    async def _scripted_fault(record: RecordedRequest, send: Send, frame, position: int, count: int) -> bool:
+        """The fault the script asks for at this point of the stream; False when the body ended."""
+        script = record.script
+        if _triggers(script.malformed_after, position, count):
+            await frame(MALFORMED_FRAME)
+        if _triggers(script.error_frame_after, position, count):
+            await frame(script._error_frame)
+            record._ending = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return False
+        if _triggers(script.drop_after, position, count):
+            raise _DropConnection(f"scripted drop after {record.chunks_sent} chunk(s)")
+        if _triggers(script.hang_after, position, count):
+            await asyncio.Future()  # until the client disconnects (we get cancelled)
+        return True
 
     async def _complete(self, record: RecordedRequest, send: Send) -> None:
         script = record.script
