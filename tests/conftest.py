@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, Script
@@ -72,22 +70,6 @@ async def manager(fresh_manager):
     await manager.shutdown(grace=2)
     if get_provider.cache_info().currsize:  # close its HTTP pool while this test's loop still runs
         await get_provider().aclose()
-
-
-def parse_sse(raw: bytes) -> list[dict]:
-    """Split an SSE byte stream into frames: {"event", "id", "data" (parsed JSON)}; comments skipped."""
-    frames = []
-    for block in raw.decode().split("\n\n"):
-        fields: dict = {}
-        for line in block.split("\n"):
-            if not line or line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            fields[name] = value[1:] if value.startswith(" ") else value
-        if "data" in fields:
-            fields["data"] = json.loads(fields["data"])
-            frames.append(fields)
-    return frames
 
 
 @pytest.fixture

@@ -6,14 +6,11 @@ import pytest
 from django.test import AsyncClient
 
 from chatbot_api.models import Conversation, Message
-from tests.conftest import parse_sse
+from tests.support.clients import post_chat
 from tests.support.fake_openai import Script
+from tests.support.sse import parse_sse
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
-
-
-async def post_chat(client: AsyncClient, body, **headers):
-    return await client.post("/api/chat/", body, content_type="application/json", **headers)
 
 
 async def test_answer_is_assembled_and_saved(upstream, manager):

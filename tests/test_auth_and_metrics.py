@@ -13,14 +13,10 @@ from rest_framework.authtoken.models import Token
 
 from chatbot.asgi import application
 from chatbot_api.models import Message
-from tests.support.clients import websocket
+from tests.support.clients import post_chat, websocket
 from tests.support.fake_openai import Script
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
-
-
-async def chat(client, message="Hi", **extra):
-    return await client.post("/api/chat/", {"message": message}, content_type="application/json", **extra)
 
 
 async def user_client(name: str) -> tuple[AsyncClient, User]:
@@ -35,7 +31,7 @@ async def test_signed_in_users_own_their_conversations(upstream, manager):
     bob, _ = await user_client("bob")
     anonymous = AsyncClient()
     upstream.enqueue(Script(chunks=["alice's"], hang_after=1))
-    body = await chat(alice, headers={"Accept": "application/x-ndjson"})
+    body = await post_chat(alice, headers={"Accept": "application/x-ndjson"})
     first = await anext(aiter(body.streaming_content))
     message_id = first.decode().split('"message_id":"')[1].split('"')[0]
     session_id = (await Message.objects.select_related("conversation").aget(pk=message_id)).conversation_id
@@ -50,7 +46,7 @@ async def test_signed_in_users_own_their_conversations(upstream, manager):
                 f"/api/conversations/{session_id}", {"title": "x"}, content_type="application/json"
             ),
             await other.delete(f"/api/conversations/{session_id}"),
-            await chat(other, session_id=None)
+            await post_chat(other, session_id=None)
             if False
             else await other.post(
                 "/api/chat/", {"message": "x", "session_id": str(session_id)}, content_type="application/json"
@@ -69,7 +65,7 @@ async def test_signed_in_users_own_their_conversations(upstream, manager):
 
 async def test_websocket_ownership_across_users(upstream, manager):
     alice, _ = await user_client("alice")
-    body = (await chat(alice)).json()
+    body = (await post_chat(alice)).json()
     bob, _ = await user_client("bob")
     ws = await websocket(session_key=bob.cookies["sessionid"].value)
     await ws.send_json_to({"type": "resume", "message_id": body["message_id"], "after": 0})
@@ -87,7 +83,7 @@ async def test_api_token_authentication_needs_no_csrf(upstream, manager):
     client = AsyncClient(enforce_csrf_checks=True)
     auth = {"Authorization": f"Token {token}"}
 
-    first = (await chat(client, headers=auth)).json()
+    first = (await post_chat(client, headers=auth)).json()
     second = await client.post(
         "/api/chat/",
         {"message": "again", "session_id": first["session_id"]},
@@ -103,7 +99,7 @@ async def test_api_token_authentication_needs_no_csrf(upstream, manager):
 
 
 async def test_bad_token_is_rejected_in_the_error_shape(manager):
-    response = await chat(AsyncClient(), headers={"Authorization": "Token nope"})
+    response = await post_chat(AsyncClient(), headers={"Authorization": "Token nope"})
     assert response.status_code == 401
     assert response.json()["success"] is False and response.json()["code"] == "authentication_failed"
 
@@ -111,18 +107,18 @@ async def test_bad_token_is_rejected_in_the_error_shape(manager):
 async def test_csrf_applies_to_anonymous_cookie_sessions(upstream, manager):
     client = AsyncClient(enforce_csrf_checks=True)
     await client.get("/")
-    refused = await chat(client)
+    refused = await post_chat(client)
     assert refused.status_code == 403 and refused.json()["success"] is False
-    allowed = await chat(client, headers={"X-CSRFToken": client.cookies["csrftoken"].value})
+    allowed = await post_chat(client, headers={"X-CSRFToken": client.cookies["csrftoken"].value})
     assert allowed.status_code == 200
 
 
 async def test_anonymous_use_can_be_switched_off(upstream, manager, chatbot_settings):
     chatbot_settings(ALLOW_ANONYMOUS=False)
-    response = await chat(AsyncClient())
+    response = await post_chat(AsyncClient())
     assert response.status_code in (401, 403) and response.json()["code"] == "not_authenticated"
     client, _ = await user_client("dave")
-    assert (await chat(client)).status_code == 200
+    assert (await post_chat(client)).status_code == 200
     ws = WebsocketCommunicator(
         application, "/ws/chat/", headers=[(b"origin", b"http://localhost"), (b"host", b"localhost")]
     )
@@ -149,9 +145,9 @@ async def test_metrics_parse_and_move(upstream, manager):
     client = AsyncClient()
     before = metric_values((await client.get("/metrics")).content.decode())
     upstream.enqueue(Script(chunks=["a", "b"], usage={"prompt_tokens": 7, "completion_tokens": 2}))
-    await chat(client)
+    await post_chat(client)
     upstream.enqueue(Script(status=500))
-    await chat(client)
+    await post_chat(client)
 
     response = await client.get("/metrics")
 
@@ -177,8 +173,8 @@ async def test_metrics_rejections_count(upstream, manager, chatbot_settings):
     chatbot_settings(REQUESTS_PER_MINUTE=1)
     client = AsyncClient()
     before = metric_values((await client.get("/metrics")).content.decode())
-    await chat(client)
-    await chat(client)
+    await post_chat(client)
+    await post_chat(client)
     after = metric_values((await client.get("/metrics")).content.decode())
     key = ("chatbot_rate_limited_total", (("limit", "requests_per_minute"),))
     assert after[key] - before.get(key, 0) == 1
@@ -198,7 +194,7 @@ async def test_one_log_line_per_answer_without_content_or_secrets(upstream, mana
     client, _ = await user_client("erin")
     token = await Token.objects.acreate(user=await User.objects.aget(username="erin"))
 
-    body = (await chat(client, "PRIVATE-QUESTION-17")).json()
+    body = (await post_chat(client, "PRIVATE-QUESTION-17")).json()
 
     text = caplog.text
     for secret in (
@@ -253,7 +249,7 @@ async def test_a_cookieless_request_gets_a_working_session_cookie(upstream, mana
     from chatbot_api.sessions import SessionStore
 
     client = AsyncClient()
-    first = await chat(client)
+    first = await post_chat(client)
     key = first.cookies["sessionid"].value
     assert first.status_code == 200 and await SessionStore().aexists(key)
     again = await client.post(

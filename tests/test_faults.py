@@ -20,7 +20,7 @@ from django.test import AsyncClient
 
 from chatbot_api.limits import rate_limiter
 from chatbot_api.models import Conversation, Message, UsageRecord
-from tests.support.clients import browser_session, websocket
+from tests.support.clients import browser_session, receive_until_terminal, start_sse, websocket
 from tests.support.fake_openai import Script, chunk_frame
 from tests.support.invariants import (
     assert_no_leaked_slot,
@@ -30,7 +30,7 @@ from tests.support.invariants import (
     final_message,
     seen_text,
 )
-from tests.test_streaming import read_frames, start_sse
+from tests.support.sse import read_frames
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -301,11 +301,7 @@ async def test_a_websocket_resume_past_the_end_sends_nothing_and_the_socket_live
     session = await browser_session()
     ws = await websocket(session_key=session)
     await ws.send_json_to({"type": "chat", "message": "Hi"})
-    events = []
-    while not events or events[-1]["type"] not in ("done", "error"):
-        frame = await ws.receive_json_from(timeout=5)
-        if frame["type"] != "accepted":
-            events.append(frame)
+    events = await receive_until_terminal(ws)
     message_id, last = events[0]["message_id"], events[-1]["seq"]
 
     await ws.send_json_to({"type": "resume", "message_id": message_id, "after": last})

@@ -23,7 +23,6 @@ from django.db import connection
 from rest_framework.authtoken.models import Token
 
 from chatbot_api.models import Message
-from tests.conftest import parse_sse
 from tests.support.cluster import RedisServer, Worker
 from tests.support.fake_openai import Script
 from tests.support.invariants import (
@@ -34,6 +33,7 @@ from tests.support.invariants import (
     final_message,
     seen_text,
 )
+from tests.support.sse import frames_in
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.postgres, pytest.mark.redis]
 
@@ -110,17 +110,6 @@ def slot_counter(redis_server: RedisServer, user: User):
     return slots
 
 
-async def frames_of(response) -> list[dict]:
-    """The events of an SSE response until it ends (the event dicts, `data:` parsed)."""
-    events, buffer = [], b""
-    async for chunk in response.aiter_raw():
-        buffer += chunk
-        *blocks, buffer = buffer.split(b"\n\n")
-        for block in blocks:
-            events.extend(frame["data"] for frame in parse_sse(block + b"\n\n"))
-    return events
-
-
 class Reader:
     """A client reading one SSE response in the background, keeping what it saw even if cut."""
 
@@ -131,16 +120,12 @@ class Reader:
         self.task = asyncio.create_task(self._read(http, method, url, kwargs))
 
     async def _read(self, http, method, url, kwargs):
-        buffer = b""
         headers = {**SSE, **kwargs.pop("headers", {})}
         try:
             async with http.stream(method, url, headers=headers, **kwargs) as response:
                 self.status = response.status_code
-                async for chunk in response.aiter_raw():
-                    buffer += chunk
-                    *blocks, buffer = buffer.split(b"\n\n")
-                    for block in blocks:
-                        self.events.extend(frame["data"] for frame in parse_sse(block + b"\n\n"))
+                async for frame in frames_in(response.aiter_raw()):
+                    self.events.append(frame["data"])
         except httpx.HTTPError:
             self.cut = True  # the worker under it died
 
@@ -431,12 +416,8 @@ async def test_a_disconnect_storm_leaves_no_row_stuck_and_no_slot_held(
                 "POST", f"{worker.origin}/api/chat/", json={"message": "Hi"}, headers=SSE
             ) as r:
                 assert r.status_code == 200, await r.aread()
-                buffer = b""
-                async for chunk in r.aiter_raw():
-                    buffer += chunk
-                    *blocks, buffer = buffer.split(b"\n\n")
-                    for block in blocks:
-                        events.extend(frame["data"] for frame in parse_sse(block + b"\n\n"))
+                async for frame in frames_in(r.aiter_raw()):
+                    events.append(frame["data"])
                     if len(events) >= 2 + n % 5:
                         return events  # the client goes away mid-answer
 

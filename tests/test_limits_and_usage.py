@@ -10,7 +10,7 @@ from django.test import AsyncClient
 
 from chatbot_api.limits import RateLimiter, rate_limiter
 from chatbot_api.models import Conversation, Message, UsageRecord, UserQuota
-from tests.support.clients import browser_session, websocket
+from tests.support.clients import browser_session, post_chat, websocket
 from tests.support.fake_openai import Script
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -40,17 +40,13 @@ class ClientAt(AsyncClient):
         return {**super()._base_scope(**request), "client": [self.ip, 40000]}
 
 
-async def chat(client, message="Hi", **headers):
-    return await client.post("/api/chat/", {"message": message}, content_type="application/json", **headers)
-
-
 async def test_requests_per_minute(upstream, manager, chatbot_settings, clock):
     chatbot_settings(REQUESTS_PER_MINUTE=2)
     client = AsyncClient()
-    assert (await chat(client)).status_code == 200
-    assert (await chat(client)).status_code == 200
+    assert (await post_chat(client)).status_code == 200
+    assert (await post_chat(client)).status_code == 200
 
-    refused = await chat(client)
+    refused = await post_chat(client)
 
     assert refused.status_code == 429
     assert refused["Retry-After"] == "30"
@@ -63,25 +59,25 @@ async def test_requests_per_minute(upstream, manager, chatbot_settings, clock):
     assert len(upstream.history) == 2
 
     clock.now += 30
-    assert (await chat(client)).status_code == 200
+    assert (await post_chat(client)).status_code == 200
 
 
 async def test_anonymous_limits_count_per_ip_not_per_session(upstream, manager, chatbot_settings, clock):
     chatbot_settings(REQUESTS_PER_MINUTE=1)
-    assert (await chat(AsyncClient())).status_code == 200
-    assert (await chat(AsyncClient())).status_code == 429, "a fresh cookie does not reset the limit"
+    assert (await post_chat(AsyncClient())).status_code == 200
+    assert (await post_chat(AsyncClient())).status_code == 429, "a fresh cookie does not reset the limit"
     other_ip = ClientAt("10.0.0.9")
-    assert (await chat(other_ip)).status_code == 200
+    assert (await post_chat(other_ip)).status_code == 200
 
 
 async def test_concurrent_streams_under_real_parallel_streams(upstream, manager, chatbot_settings):
     chatbot_settings(CONCURRENT_STREAMS=2)
     upstream.enqueue(Script(chunks=["a", "b"], hang_after=1), Script(chunks=["c", "d"], hang_after=1))
     client = AsyncClient()
-    running = [await chat(client, headers={"Accept": "text/event-stream"}) for _ in range(2)]
+    running = [await post_chat(client, headers={"Accept": "text/event-stream"}) for _ in range(2)]
     await upstream.wait_for_request_async(2)
 
-    refused = await chat(client, headers={"Accept": "text/event-stream"})
+    refused = await post_chat(client, headers={"Accept": "text/event-stream"})
 
     assert refused.status_code == 429 and refused.json()["limit"] == "concurrent_streams"
     assert refused["Content-Type"] == "application/json"
@@ -89,7 +85,7 @@ async def test_concurrent_streams_under_real_parallel_streams(upstream, manager,
     assert first.startswith(b"retry:")
     message_ids = [m.pk async for m in Message.objects.filter(role="assistant")]
     await client.post(f"/api/messages/{message_ids[0]}/stop")
-    assert (await chat(client)).status_code == 200, "a finished answer frees its slot"
+    assert (await post_chat(client)).status_code == 200, "a finished answer frees its slot"
     await client.post(f"/api/messages/{message_ids[1]}/stop")
 
 
@@ -99,10 +95,10 @@ async def test_token_quota_counts_real_usage_and_resets_at_midnight(
     chatbot_settings(TOKENS_PER_DAY=30)
     upstream.enqueue(Script(chunks=["x"], usage={"prompt_tokens": 20, "completion_tokens": 15}))
     client = AsyncClient()
-    assert (await chat(client)).status_code == 200
+    assert (await post_chat(client)).status_code == 200
     assert rate_limiter.tokens_used_today("ip:127.0.0.1") == 35
 
-    refused = await chat(client)
+    refused = await post_chat(client)
 
     assert refused.status_code == 429 and refused.json()["limit"] == "tokens_per_day"
     assert int(refused["Retry-After"]) == DAY - int(clock.now) % DAY
@@ -110,14 +106,14 @@ async def test_token_quota_counts_real_usage_and_resets_at_midnight(
     assert usage["limits"]["tokens_used_today"] == 35 and usage["limits"]["tokens_per_day"] == 30
 
     clock.now += DAY
-    assert (await chat(client)).status_code == 200
+    assert (await post_chat(client)).status_code == 200
 
 
 async def test_local_model_usage_is_counted(manager, chatbot_settings):
     chatbot_settings(PROVIDER="local", MAX_TOKENS=8, TEMPERATURE=0.0)
     client = AsyncClient()
 
-    body = (await chat(client, "Say hello")).json()
+    body = (await post_chat(client, "Say hello")).json()
 
     assert body["success"] is True and body["provider"] == "local"
     record = await UsageRecord.objects.aget(message_id=body["message_id"])
@@ -134,10 +130,10 @@ async def test_usage_endpoint_per_day_and_model(upstream, manager):
     client = AsyncClient()
     for _ in range(2):
         upstream.enqueue(Script(chunks=["x"], usage={"prompt_tokens": 10, "completion_tokens": 3}))
-        await chat(client)
+        await post_chat(client)
     upstream.enqueue(Script(chunks=["y"], send_usage=False))
-    await chat(client)
-    await chat(ClientAt("10.1.1.1"))  # someone else
+    await post_chat(client)
+    await post_chat(ClientAt("10.1.1.1"))  # someone else
 
     usage = (await client.get("/api/usage/")).json()
 
@@ -153,7 +149,7 @@ async def test_usage_endpoint_per_day_and_model(upstream, manager):
 
 async def test_usage_record_survives_deleting_the_conversation(upstream, manager):
     client = AsyncClient()
-    body = (await chat(client)).json()
+    body = (await post_chat(client)).json()
     assert (await client.delete(f"/api/conversations/{body['session_id']}")).status_code == 204
     assert await Conversation.objects.acount() == 0
     record = await UsageRecord.objects.aget()
@@ -167,8 +163,8 @@ async def test_staff_override_per_user(upstream, manager, chatbot_settings, cloc
     client = AsyncClient()
     await client.aforce_login(alice)
 
-    assert (await chat(client)).status_code == 200
-    assert (await chat(client)).status_code == 429
+    assert (await post_chat(client)).status_code == 200
+    assert (await post_chat(client)).status_code == 429
 
 
 async def test_websocket_rate_limited_error_frame(upstream, manager, chatbot_settings, clock):
@@ -193,7 +189,7 @@ async def test_stream_slot_is_released_on_every_outcome(upstream, manager, chatb
     client = AsyncClient()
     for script in [Script(status=500), Script(chunks=["a", "b"], hang_after=1), Script(chunks=["ok"])]:
         upstream.enqueue(script)
-        response = await chat(client)
+        response = await post_chat(client)
         assert response.status_code != 429
     await asyncio.sleep(0)
-    assert (await chat(client)).status_code == 200
+    assert (await post_chat(client)).status_code == 200

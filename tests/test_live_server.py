@@ -12,9 +12,9 @@ import httpx
 import pytest
 import websockets
 
-from tests.conftest import parse_sse
 from tests.support.clients import wait_for_status
 from tests.support.fake_openai import Script
+from tests.support.sse import frames_in, parse_sse
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -31,13 +31,8 @@ async def new_browser(base_url: str):
 
 async def sse_frames(response):
     """Each SSE frame of an httpx streaming response as it arrives: (arrival time, frame)."""
-    buffer = b""
-    async for chunk in response.aiter_raw():
-        buffer += chunk
-        *blocks, buffer = buffer.split(b"\n\n")
-        for block in blocks:
-            for frame in parse_sse(block + b"\n\n"):
-                yield time.monotonic(), frame
+    async for frame in frames_in(response.aiter_raw()):
+        yield time.monotonic(), frame
 
 
 def stream_chat(client: httpx.AsyncClient):

@@ -9,9 +9,9 @@ from chatbot_api.models import Message
 from chatbot_api.streaming import manager as generation
 from chatbot_api.streaming.eventlog_redis import RedisEventLog
 from chatbot_api.streaming.manager import GenerationManager
-from tests.conftest import parse_sse
 from tests.support.clients import wait_for_status
 from tests.support.fake_openai import Script
+from tests.support.sse import parse_sse
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.redis]
 

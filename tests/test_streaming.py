@@ -16,40 +16,13 @@ from django.utils import timezone
 from chatbot_api.models import Conversation, Message
 from chatbot_api.streaming.manager import sweep_orphans
 from chatbot_api.streaming.store import _write_partials
-from tests.conftest import parse_sse
-from tests.support.clients import wait_for_status
+from tests.support.clients import start_sse, wait_for_status
 from tests.support.fake_openai import Script
+from tests.support.sse import parse_sse, read_frames, text_of
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
 SSE = {"headers": {"Accept": "text/event-stream"}}
-
-
-async def start_sse(client: AsyncClient, body: dict):
-    response = await client.post("/api/chat/", body, content_type="application/json", **SSE)
-    assert response.status_code == 200, response.content
-    assert response["Content-Type"] == "text/event-stream"
-    return response
-
-
-async def read_frames(response, *, limit: int | None = None) -> list[tuple[float, dict]]:
-    """(arrival time, frame) for each SSE frame, to the terminal event or `limit` frames."""
-    frames, buffer = [], b""
-    iterator = aiter(response.streaming_content)
-    async for chunk in iterator:
-        buffer += chunk
-        *blocks, buffer = buffer.split(b"\n\n")
-        for block in blocks:
-            for frame in parse_sse(block + b"\n\n"):
-                frames.append((time.monotonic(), frame))
-                if frame["event"] in ("done", "error") or (limit and len(frames) >= limit):
-                    await iterator.aclose()
-                    return frames
-    return frames
-
-
-def text_of(frames) -> str:
-    return "".join(f["data"]["text"] for _, f in frames if f["event"] == "delta")
 
 
 async def test_sse_frames_arrive_one_by_one_before_upstream_finishes(upstream, manager):

@@ -7,7 +7,7 @@ from channels.testing import WebsocketCommunicator
 
 from chatbot.asgi import application
 from chatbot_api.models import Message
-from tests.support.clients import browser_session, websocket
+from tests.support.clients import browser_session, receive_until_terminal, websocket
 from tests.support.fake_openai import Script
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -15,17 +15,6 @@ pytestmark = [pytest.mark.django_db(transaction=True)]
 
 async def connect(session_key: str | None = None) -> WebsocketCommunicator:
     return await websocket(session_key=session_key)
-
-
-async def receive_until_terminal(communicator, *, limit: int | None = None, timeout: float = 5) -> list[dict]:
-    events = []
-    while True:
-        event = await communicator.receive_json_from(timeout=timeout)
-        if event["type"] == "accepted":
-            continue
-        events.append(event)
-        if event["type"] in ("done", "error") or (limit and len(events) >= limit):
-            return events
 
 
 async def test_chat_streams_the_same_events(upstream, manager):

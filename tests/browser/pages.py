@@ -68,3 +68,15 @@ def screenshot(page, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     filename = re.sub(r"[^\w.-]", "_", name) + ".png"
     page.screenshot(path=str(SCREENSHOTS / filename))
+
+
+def wait_for_chunks(upstream, count: int, *, request: int = -1, timeout: float = 10.0) -> None:
+    """Until the fake upstream has sent `count` more content chunks of a request than now."""
+    import time
+
+    record = upstream.wait_for_request(len(upstream.history) if request == -1 else request + 1)
+    target = record.chunks_sent + count
+    deadline = time.monotonic() + timeout
+    while record.chunks_sent < target:
+        assert time.monotonic() < deadline, f"only {record.chunks_sent} chunks sent after {timeout} s"
+        time.sleep(0.01)

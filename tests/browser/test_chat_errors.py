@@ -207,7 +207,7 @@ def test_usage_today_comes_from_the_server(open_page, upstream):
 def test_usage_today_is_hidden_without_the_endpoint(open_page):
     page = open_page()
     page.route("**/api/usage/", lambda route: route.fulfill(status=404, json={"success": False}))
-    page.reload()
+    with page.expect_response("**/api/usage/"):
+        page.reload()
     page.wait_for_selector("#app[data-ready=true]")
-    page.wait_for_timeout(300)
     expect(page.locator("#usageToday")).to_be_hidden()

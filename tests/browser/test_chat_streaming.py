@@ -18,6 +18,7 @@ from tests.browser.pages import (
     screenshot,
     send,
     wait_answer_finished,
+    wait_for_chunks,
     wait_ready,
 )
 from tests.support.fake_openai import Script
@@ -115,7 +116,8 @@ def test_auto_scroll_follows_until_the_reader_scrolls_up(open_page, upstream):
 
     page.hover("#messages")
     page.mouse.wheel(0, -5000)
-    page.wait_for_timeout(400)
+    page.wait_for_function("() => document.getElementById('messages').scrollTop < 10")
+    wait_for_chunks(upstream, 5)  # it keeps streaming, and the page stays where the user put it
     assert page.evaluate("() => document.getElementById('messages').scrollTop") < 10
     expect(page.locator("#scrollToBottom")).to_be_visible()
     screenshot(page, "scrolled-up-while-streaming")
@@ -234,8 +236,7 @@ def test_stop_in_json_mode(open_page, upstream):
     upstream.enqueue(Script(chunks=WORDS, interval=0.1))
     page = open_page(locale="it-IT")
     send(page, "Talk for a while", streaming=False)
-    upstream.wait_for_request()
-    page.wait_for_timeout(600)
+    wait_for_chunks(upstream, 5)
 
     page.click("#stopButton")
 
@@ -287,7 +288,7 @@ def test_network_drop_mid_answer_resumes_without_duplicates(open_page, upstream,
         else:
             expect(page.locator("#connectionBanner")).to_have_text("Connection lost. Reconnecting…")
         screenshot(page, f"reconnecting-{transport}")
-        page.wait_for_timeout(800)  # the answer goes on meanwhile on the server
+        wait_for_chunks(upstream, 10)  # the answer goes on meanwhile on the server
         proxy.restore()
         page.context.set_offline(False)
 

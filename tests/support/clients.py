@@ -42,3 +42,30 @@ async def wait_for_status(message_id, statuses, timeout: float = 5.0) -> Message
         if message.status in statuses or time.monotonic() > deadline:
             return message
         await asyncio.sleep(0.02)
+
+
+async def post_chat(client: AsyncClient, body: dict | str = "Hi", **extra):
+    """`POST /api/chat/` with `body` (a dict, or just the message) as JSON; `extra` as the client takes it."""
+    if isinstance(body, str):
+        body = {"message": body}
+    return await client.post("/api/chat/", body, content_type="application/json", **extra)
+
+
+async def start_sse(client: AsyncClient, body: dict | str = "Hi"):
+    """An answer started over SSE: the streaming response, checked to be one."""
+    response = await post_chat(client, body, headers={"Accept": "text/event-stream"})
+    assert response.status_code == 200, response.content
+    assert response["Content-Type"] == "text/event-stream"
+    return response
+
+
+async def receive_until_terminal(communicator, *, limit: int | None = None, timeout: float = 5) -> list[dict]:
+    """A WebSocket's frames (without `accepted`) to the first terminal event, or `limit` of them."""
+    events = []
+    while True:
+        event = await communicator.receive_json_from(timeout=timeout)
+        if event["type"] == "accepted":
+            continue
+        events.append(event)
+        if event["type"] in ("done", "error") or (limit and len(events) >= limit):
+            return events
