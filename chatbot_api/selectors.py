@@ -1,4 +1,6 @@
-"""Reads: ownership-checked lookups of conversations and messages, and the model's context."""
+"""Reads: ownership-checked lookups of conversations and messages, the model's context, usage.
+
+(Reading an answer's events is `streaming.follow`.)"""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from django.utils import timezone
 
 from .errors import NotFound
 from .identity import Owner
+from .limits import rate_limiter
 from .models import Conversation, Message, UsageRecord
 
 
@@ -92,3 +95,26 @@ def usage_summary(*, owner: Owner, days: int = 30) -> list[dict]:
         )
         .order_by("-date", "provider", "model")
     )
+
+
+def usage_report(*, owner: Owner) -> dict:
+    """Today's totals, the owner's limits and what the daily quota counted, and 30 days by model."""
+    days = usage_summary(owner=owner)
+    limits = rate_limiter.limits_for(owner.user_id)
+    today = timezone.now().date()
+    todays = [row for row in days if row["date"] == today]
+    return {
+        "today": {
+            "date": today,
+            "answers": sum(row["answers"] for row in todays),
+            "prompt_tokens": sum(row["prompt_tokens"] for row in todays),
+            "completion_tokens": sum(row["completion_tokens"] for row in todays),
+        },
+        "limits": {
+            "requests_per_minute": limits.requests_per_minute,
+            "concurrent_streams": limits.concurrent_streams,
+            "tokens_per_day": limits.tokens_per_day,
+            "tokens_used_today": rate_limiter.tokens_used_today(owner.rate_key),
+        },
+        "days": days,
+    }

@@ -5,7 +5,6 @@ from __future__ import annotations
 from adrf.views import APIView as AsyncAPIView
 from asgiref.sync import sync_to_async
 from django.http import HttpResponse
-from django.utils import timezone
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.authtoken.views import ObtainAuthToken
@@ -16,7 +15,6 @@ from rest_framework.response import Response
 from . import login_throttle, selectors, services
 from .errors import ChatbotError, status_for_code
 from .identity import owner_for
-from .limits import rate_limiter
 from .models import Message
 from .parsers import SafeJSONParser
 from .serializers import (
@@ -232,32 +230,8 @@ class UsageView(ApiView):
     @extend_schema(responses=UsageReportSerializer)
     async def get(self, request):
         """The caller's usage: today's totals, limits, and answers/tokens per day and model (30 days)."""
-        owner = await owner_for(request)
-        days = await sync_to_async(selectors.usage_summary)(owner=owner)
-        limits = await sync_to_async(rate_limiter.limits_for)(owner.user_id)
-        today = timezone.now().date()
-        todays = [row for row in days if row["date"] == today]
-        return Response(
-            UsageReportSerializer(
-                {
-                    "today": {
-                        "date": today,
-                        "answers": sum(r["answers"] for r in todays),
-                        "prompt_tokens": sum(r["prompt_tokens"] for r in todays),
-                        "completion_tokens": sum(r["completion_tokens"] for r in todays),
-                    },
-                    "limits": {
-                        "requests_per_minute": limits.requests_per_minute,
-                        "concurrent_streams": limits.concurrent_streams,
-                        "tokens_per_day": limits.tokens_per_day,
-                        "tokens_used_today": await sync_to_async(rate_limiter.tokens_used_today)(
-                            owner.rate_key
-                        ),
-                    },
-                    "days": days,
-                }
-            ).data
-        )
+        report = await sync_to_async(selectors.usage_report)(owner=await owner_for(request))
+        return Response(UsageReportSerializer(report).data)
 
 
 class ConversationListView(ApiView):
