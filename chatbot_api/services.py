@@ -24,7 +24,6 @@ from .limits import give_back, take_slot
 from .models import Conversation, Message
 from .providers import Provider, get_provider
 from .selectors import conversation_context, conversation_get, message_get
-from .streaming.eventlog import KEEPALIVE
 from .streaming.follow import follow_events
 from .streaming.generation import EarlyStream, GenerationRequest
 from .streaming.manager import get_manager
@@ -273,7 +272,7 @@ async def _wait_for_end(message: Message, *, timeout: float) -> None:
     try:
         async with asyncio.timeout(timeout):
             async for item in follow_events(message=message, after=0):
-                if item is not KEEPALIVE and item.is_terminal:
+                if item.is_terminal:
                     return
     except TimeoutError:
         pass

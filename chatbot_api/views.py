@@ -85,12 +85,12 @@ class ChatView(ApiView):
 
 async def answer_response(turn: services.Turn, *, transport: str, is_streaming: bool):
     """The new answer in the negotiated transport: a stream, or the seed's assembled JSON."""
-    events = follow.follow_events(message=turn.assistant_message)
+    message = turn.assistant_message
     if transport == "sse":
-        return transports.sse_response(events)
+        return transports.sse_response(follow.follow_events(message=message, keepalives=True))
     if transport == "ndjson":
-        return transports.ndjson_response(events)
-    answer = await transports.collect(events)
+        return transports.ndjson_response(follow.follow_events(message=message, keepalives=True))
+    answer = await transports.collect(follow.follow_events(message=message))
     body = {
         "response": answer.text,
         "session_id": str(turn.conversation.id),
@@ -180,7 +180,7 @@ class MessageEventsView(ApiView):
         message = await selectors.message_get(owner=await owner_for(request), message_id=message_id)
         if not await follow.events_after(message=message, after=after):
             return HttpResponse(status=status.HTTP_204_NO_CONTENT)
-        return transports.sse_response(follow.follow_events(message=message, after=after))
+        return transports.sse_response(follow.follow_events(message=message, after=after, keepalives=True))
 
 
 class MessageDetailView(ApiView):

@@ -30,20 +30,25 @@ from .outcome import Outcome
 logger = logging.getLogger("chatbot.streaming")
 
 
-async def follow_events(*, message: Message, after: int = 0) -> AsyncIterator:
-    """The message's events after `after`, live until the terminal one; `KEEPALIVE` when idle.
+async def follow_events(*, message: Message, after: int = 0, keepalives: bool = False) -> AsyncIterator:
+    """The message's events after `after`, live until the terminal one.
 
     Ends with exactly one terminal event, whatever happens to the answer's worker or to
-    the shared log, or with none when `after` is already at or past the end. With
-    `CANCEL_ON_DISCONNECT`, a reader that leaves before the end stops the answer.
+    the shared log, or with none when `after` is already at or past the end. A transport
+    that keeps idle connections open on its own (SSE comments, NDJSON blank lines) asks
+    for `keepalives`: then `KEEPALIVE` comes after every `KEEPALIVE_INTERVAL` of silence.
+    With `CANCEL_ON_DISCONNECT`, a reader that leaves before the end stops the answer.
     """
     finished = False
     events = _message_events(message=message, after=after)
     try:
         async with aclosing(events):
             async for item in events:
-                if item is not KEEPALIVE and item.is_terminal:
-                    finished = True
+                if item is KEEPALIVE:
+                    if keepalives:
+                        yield item
+                    continue
+                finished = item.is_terminal
                 yield item
     finally:
         if not finished and chatbot_setting("CANCEL_ON_DISCONNECT"):

@@ -1,7 +1,9 @@
 """Thin views of one event stream: SSE, NDJSON, the seed's assembled JSON, WebSocket frames.
 
-Each function takes the async iterator from `services.follow_events()` and only
-changes the framing. Under ASGI every chunk is handed to the server as soon as it
+Each function takes the async iterator from `follow.follow_events()` and only changes
+the framing. SSE and NDJSON keep idle connections open with their own keep-alive (ask
+`follow_events(keepalives=True)` for them); JSON and WebSocket (pinged by the server at
+the protocol level) take the events alone. Under ASGI every chunk is handed to the server as soon as it
 is produced: the iterators are async, nothing buffers, and SSE is never compressed.
 """
 
@@ -81,18 +83,16 @@ async def collect(events: AsyncIterator) -> Answer:
     answer = Answer()
     async with aclosing(events):
         await _release_database()
-        async for item in events:
-            if item is not KEEPALIVE:
-                answer.add(item)
+        async for event in events:
+            answer.add(event)
     return answer
 
 
 async def pump_websocket(events: AsyncIterator, send_text) -> None:
     """The WebSocket framing: one text frame per event (servers ping at the protocol level)."""
     async with aclosing(events):
-        async for item in events:
-            if item is not KEEPALIVE:
-                await send_text(item.json)
+        async for event in events:
+            await send_text(event.json)
 
 
 class EventStreamRenderer(BaseRenderer):
