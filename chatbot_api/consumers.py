@@ -85,13 +85,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 await task
 
     async def _chat(self, content):
-        serializer = ChatRequestSerializer(
-            data={"message": content.get("message"), "session_id": content.get("session_id")}
-        )
+        fields = ("message", "session_id", "answer_id")
+        serializer = ChatRequestSerializer(data={key: content[key] for key in fields if key in content})
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
         turn = await services.chat_start(
-            owner=self.owner, text=data["message"], session_id=data.get("session_id"), transport="websocket"
+            owner=self.owner,
+            text=data["message"],
+            session_id=data.get("session_id"),
+            transport="websocket",
+            answer_id=data.get("answer_id"),
         )
         await self._accept_and_follow(content, turn)
 

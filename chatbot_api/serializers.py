@@ -31,6 +31,15 @@ class ChatRequestSerializer(serializers.Serializer):
     message = StrictCharField(max_length=1000)
     session_id = StrictCharField(max_length=100, required=False, allow_blank=True, allow_null=True)
     streaming = StrictBooleanField(required=False, default=False)
+    answer_id = serializers.UUIDField(
+        required=False,
+        help_text="The id the new answer gets (a UUID the client makes): it can be stopped by it "
+        "before the answer comes back. 409 if it is taken.",
+    )
+
+
+class RegenerateRequestSerializer(serializers.Serializer):
+    answer_id = serializers.UUIDField(required=False, help_text="As for POST /api/chat/.")
 
 
 class TokenUsageSerializer(serializers.Serializer):

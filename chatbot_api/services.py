@@ -11,9 +11,10 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from functools import partial
+from uuid import UUID
 
 from asgiref.sync import sync_to_async
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from . import metrics
@@ -34,6 +35,9 @@ Status = Message.Status
 # Chat-template overhead of one message (role markers, separators), in tokens.
 MESSAGE_OVERHEAD_TOKENS = 4
 TITLE_LENGTH = 60
+ANSWER_ID_TAKEN = ChatbotError(
+    "answer_id is already the id of another message: send a new UUID.", code="conflict", status_code=409
+)
 # How long a stop waits for another worker to confirm (it stops within a token or two).
 STOP_WAIT = 5.0
 
@@ -46,13 +50,19 @@ class Turn:
 
 
 async def chat_start(
-    *, owner: Owner, text: str, session_id: str | None = None, transport: str = "json"
+    *,
+    owner: Owner,
+    text: str,
+    session_id: str | None = None,
+    transport: str = "json",
+    answer_id: UUID | None = None,
 ) -> Turn:
     """Save the user's message, create the answer and start generating it in the background.
 
     Returns at once; the answer's events are read with `follow_events()`. Raises
     `NotFound` for a `session_id` the owner does not have and `RateLimited` when a
-    limit is reached; in both cases nothing is saved or started.
+    limit is reached; in both cases nothing is saved or started. `answer_id` is the id
+    the client chose for the answer (so it can stop it before the answer comes back).
     """
     provider = get_provider()
     conversation = await conversation_get(owner=owner, conversation_id=session_id) if session_id else None
@@ -63,10 +73,13 @@ async def chat_start(
         prompt=prompt,
         transport=transport,
         create=partial(_create_turn, owner=owner, conversation=conversation, text=text, provider=provider),
+        answer_id=answer_id,
     )
 
 
-async def answer_regenerate(*, owner: Owner, message_id, transport: str = "json") -> Turn:
+async def answer_regenerate(
+    *, owner: Owner, message_id, transport: str = "json", answer_id: UUID | None = None
+) -> Turn:
     """Replace the last answer of a conversation with a new one to the same question.
 
     The old answer is deleted (its usage record stays); the new one is generated from
@@ -98,11 +111,12 @@ async def answer_regenerate(*, owner: Owner, message_id, transport: str = "json"
         prompt=prompt,
         transport=transport,
         create=partial(_replace_answer, old_answer=old_answer, question=question, provider=provider),
+        answer_id=answer_id,
     )
 
 
 async def _start_answer(
-    *, owner: Owner, provider: Provider, prompt: list[dict], transport: str, create
+    *, owner: Owner, provider: Provider, prompt: list[dict], transport: str, create, answer_id: UUID | None
 ) -> Turn:
     """Count the answer against the limits, save it with `create()`, start its generation.
 
@@ -112,16 +126,20 @@ async def _start_answer(
     """
     if get_manager().stopping.is_set():
         raise ShuttingDown()
+    if answer_id is not None and await Message.objects.filter(pk=answer_id).aexists():
+        raise ANSWER_ID_TAKEN
     holds_slot = await take_slot(owner.rate_key, owner.user_id)
     max_tokens, temperature = chatbot_setting("MAX_TOKENS"), chatbot_setting("TEMPERATURE")
     stream = EarlyStream(provider.stream(prompt, max_tokens=max_tokens, temperature=temperature))
     try:
         conversation, user_message, assistant_message = await sync_to_async(create)(
-            client_key=owner.rate_key, holds_slot=holds_slot
+            client_key=owner.rate_key, holds_slot=holds_slot, answer_id=answer_id
         )
-    except BaseException:  # nothing saved, nothing started: the slot goes back
+    except BaseException as error:  # nothing saved, nothing started: the slot goes back
         await asyncio.shield(stream.aclose())
         await asyncio.shield(give_back(owner.rate_key, slot=holds_slot))
+        if isinstance(error, IntegrityError) and answer_id is not None:
+            raise ANSWER_ID_TAKEN from error  # two requests raced for the same id
         raise
     manager = get_manager()
     try:
@@ -220,12 +238,18 @@ def _replace_answer(*, old_answer: Message, question: Message, provider: Provide
 
 
 def _create_answer(
-    conversation: Conversation, provider: Provider, *, client_key: str, holds_slot: bool
+    conversation: Conversation,
+    provider: Provider,
+    *,
+    client_key: str,
+    holds_slot: bool,
+    answer_id: UUID | None,
 ) -> Message:
     """A pending answer (inside the caller's transaction); touches the conversation's `updated_at`."""
     now = timezone.now()
     Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
     return Message.objects.create(
+        **({"id": answer_id} if answer_id is not None else {}),
         conversation=conversation,
         role=Message.Role.ASSISTANT,
         status=Status.PENDING,

@@ -8,6 +8,7 @@ from django.http import HttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.authtoken.views import ObtainAuthToken
+from rest_framework.exceptions import UnsupportedMediaType
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
@@ -24,6 +25,7 @@ from .serializers import (
     ConversationSerializer,
     ConversationUpdateSerializer,
     MessageSerializer,
+    RegenerateRequestSerializer,
     StopResponseSerializer,
     StreamEventSerializer,
     UsageReportSerializer,
@@ -78,7 +80,11 @@ class ChatView(ApiView):
         owner = await owner_for(request)
         transport = request.accepted_renderer.format
         turn = await services.chat_start(
-            owner=owner, text=data["message"], session_id=data.get("session_id"), transport=transport
+            owner=owner,
+            text=data["message"],
+            session_id=data.get("session_id"),
+            transport=transport,
+            answer_id=data.get("answer_id"),
         )
         return await answer_response(turn, transport=transport, is_streaming=data["streaming"])
 
@@ -114,7 +120,7 @@ class MessageRegenerateView(ApiView):
     renderer_classes = ChatView.renderer_classes
 
     @extend_schema(
-        request=None,
+        request=RegenerateRequestSerializer,
         responses={
             (200, "application/json"): ChatResponseSerializer,
             (200, "text/event-stream"): OpenApiResponse(
@@ -129,8 +135,17 @@ class MessageRegenerateView(ApiView):
     async def post(self, request, message_id):
         """Answer the last question again: the last answer is replaced, in any transport."""
         transport = request.accepted_renderer.format
+        try:
+            body = request.data or {}
+        except UnsupportedMediaType:  # the body is optional: a bare POST (any content type) is fine
+            body = {}
+        serializer = RegenerateRequestSerializer(data=body)
+        serializer.is_valid(raise_exception=True)
         turn = await services.answer_regenerate(
-            owner=await owner_for(request), message_id=message_id, transport=transport
+            owner=await owner_for(request),
+            message_id=message_id,
+            transport=transport,
+            answer_id=serializer.validated_data.get("answer_id"),
         )
         return await answer_response(turn, transport=transport, is_streaming=transport != "json")
 

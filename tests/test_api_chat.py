@@ -397,3 +397,31 @@ async def test_an_event_log_that_cannot_open_fails_the_saved_answer_and_frees_th
     monkeypatch.setattr(manager.log, "open", opened)
     upstream.enqueue(Script(chunks=["ok"]))
     assert (await post_chat(AsyncClient(), {"message": "Hi"})).status_code == 200, "the slot was given back"
+
+
+async def test_a_client_named_answer_can_be_stopped_before_the_json_answer_comes_back(upstream, manager):
+    import asyncio
+    import uuid
+
+    upstream.enqueue(Script(chunks=["a", "b", "c"], hang_after=2))
+    client = AsyncClient()
+    await client.get("/")
+    answer_id = str(uuid.uuid4())
+
+    pending = asyncio.create_task(post_chat(client, {"message": "Hi", "answer_id": answer_id}))
+    await upstream.wait_for_request_async()
+    stopped = await client.post(f"/api/messages/{answer_id}/stop")
+    body = (await pending).json()
+
+    assert stopped.status_code == 200 and stopped.json()["status"] == "stopped"
+    assert (body["message_id"], body["status"], body["response"]) == (answer_id, "stopped", "ab")
+    taken = await post_chat(client, {"message": "Again", "answer_id": answer_id})
+    assert taken.status_code == 409 and taken.json()["code"] == "conflict"
+    bad = await post_chat(client, {"message": "Hi", "answer_id": "not-a-uuid"})
+    assert bad.status_code == 400 and bad.json()["code"] == "invalid"
+    upstream.enqueue(Script(chunks=["again"]))
+    regenerate_id = str(uuid.uuid4())
+    regenerated = await client.post(
+        f"/api/messages/{answer_id}/regenerate", {"answer_id": regenerate_id}, content_type="application/json"
+    )
+    assert regenerated.json()["message_id"] == regenerate_id

@@ -71,10 +71,10 @@ def screenshot(page, name: str) -> None:
 
 
 def wait_for_chunks(upstream, count: int, *, request: int = -1, timeout: float = 10.0) -> None:
-    """Until the fake upstream has sent `count` more content chunks of a request than now."""
+    """Until the fake upstream has sent `count` more content chunks of a request (the latest) than now."""
     import time
 
-    record = upstream.wait_for_request(len(upstream.history) if request == -1 else request + 1)
+    record = upstream.wait_for_request(max(len(upstream.history), 1) if request == -1 else request + 1)
     target = record.chunks_sent + count
     deadline = time.monotonic() + timeout
     while record.chunks_sent < target:

@@ -86,3 +86,18 @@ test("resume delays grow, are capped, jittered, and respect Retry-After", () => 
   assert.equal(retryDelay(0, null, () => 1), 625);
   assert.ok(RESUMABLE_STATUSES.has(503) && !RESUMABLE_STATUSES.has(400));
 });
+
+test("answer ids are version-4 UUIDs, also where crypto.randomUUID is missing (plain http pages)", async () => {
+  const { newUuid } = await import("../../chatbot_web/static/chatbot_web/answer-progress.js");
+  const shape = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+  const randomUUID = crypto.randomUUID;
+  try {
+    crypto.randomUUID = undefined;
+    const ids = new Set(Array.from({ length: 100 }, newUuid));
+    assert.equal(ids.size, 100);
+    for (const id of ids) assert.match(id, shape);
+  } finally {
+    crypto.randomUUID = randomUUID;
+  }
+  assert.match(newUuid(), shape);
+});

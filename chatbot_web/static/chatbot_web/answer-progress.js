@@ -62,3 +62,13 @@ export function retryDelay(attempt, retryAfterSeconds = null, random = Math.rand
 
 /** HTTP statuses after which a started answer is read again instead of given up. */
 export const RESUMABLE_STATUSES = new Set([429, 502, 503, 504]);
+
+/** A random (version 4) UUID; crypto.randomUUID exists only on https and localhost pages. */
+export function newUuid() {
+  if (typeof crypto.randomUUID === "function") return crypto.randomUUID();
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  bytes[6] = (bytes[6] & 0x0f) | 0x40;
+  bytes[8] = (bytes[8] & 0x3f) | 0x80;
+  const hex = [...bytes].map((byte) => byte.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}

@@ -202,8 +202,10 @@ export class ChatApi {
    * The seed's JSON mode: one request, the whole answer. Answers that failed while being
    * written still come back as a body (with message_id, status, code), not as an exception.
    */
-  sendJson({ message, sessionId, signal }) {
-    return this.answerJson("chat/", { body: chatBody(message, sessionId, false), signal });
+  sendJson({ message, sessionId, answerId, signal }) {
+    const body = chatBody(message, sessionId, false);
+    if (answerId) body.answer_id = answerId;
+    return this.answerJson("chat/", { body, signal });
   }
 
   /** Send a message and stream its answer as SSE on the same response. */
@@ -212,8 +214,8 @@ export class ChatApi {
   }
 
   /** Replace the last answer with a new one to the same question, as sendJson answers. */
-  regenerateJson({ messageId, signal }) {
-    return this.answerJson(regeneratePath(messageId), { signal });
+  regenerateJson({ messageId, answerId, signal }) {
+    return this.answerJson(regeneratePath(messageId), { body: answerId ? { answer_id: answerId } : undefined, signal });
   }
 
   /** Replace the last answer with a new one to the same question, streamed like streamChat. */

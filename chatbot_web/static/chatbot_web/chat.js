@@ -3,7 +3,7 @@
 // Libraries (vendored, loaded as classic scripts before this module): marked, DOMPurify,
 // highlight.js, and Django's JavaScript catalogue for gettext().
 import { ApiError, ChatApi, ChatSocket, ConnectionLost, isAbort } from "chatbot/api";
-import { AnswerProgress, endStatus, RESUMABLE_STATUSES, retryDelay } from "chatbot/answer-progress";
+import { AnswerProgress, endStatus, newUuid, RESUMABLE_STATUSES, retryDelay } from "chatbot/answer-progress";
 
 const gettext = window.gettext ?? ((text) => text);
 const interpolate = window.interpolate ?? ((text) => text);
@@ -687,10 +687,9 @@ function regenerateLastAnswer() {
   if (state.runs.size || !old?.messageId) return;
   hideComposerError();
   const { messageId } = old;
-  const text = old.item.previousElementSibling?.querySelector(".bubble-body")?.textContent ?? "";
   const view = new AnswerView();
   old.item.replaceWith(view.item);
-  requestAnswer(view, { text, replaces: old }, {
+  requestAnswer(view, { replaces: old }, {
     stream: (transport, options) => transport.streamRegenerate({ messageId, ...options }),
     json: (options) => api.regenerateJson({ messageId, ...options }),
   });
@@ -715,8 +714,10 @@ async function jsonAnswer(view, runOptions, request) {
   view.setLoading(loadingText(false));
   scroller.follow();
   const run = startRun(view, runOptions);
+  // The page names the answer itself, so Stop can reach it before the JSON comes back.
+  run.answerId = newUuid();
   try {
-    const body = await request({ signal: run.signal });
+    const body = await request({ signal: run.signal, answerId: run.answerId });
     run.messageId = body.message_id;
     if (body.session_id !== state.sessionId) setSession(body.session_id);
     view.model = body.model;
@@ -753,18 +754,16 @@ async function resumeConversationLater(run) {
   loadConversation(state.sessionId);
 }
 
-/**
- * Stop for the JSON mode, which learns the answer's id only at the end: find the running
- * answer of this conversation (or of the newest one, for a first message) and stop it.
- */
+/** Stop for the JSON mode: the answer has the id this page gave it (it may not exist yet). */
 async function stopJsonAnswer(run) {
-  const sessionId = run.sessionId ?? (await api.listConversations())[0]?.session_id;
-  if (!sessionId) return;
-  const { messages } = await api.getConversation(sessionId);
-  const last = messages.at(-1);
-  const question = messages.at(-2);
-  if (last?.role === "assistant" && LIVE_STATUSES.has(last.status) && question?.content === run.text) {
-    await api.stopMessage(last.id);
+  for (let attempt = 0; attempt < 10; attempt++) {
+    try {
+      await api.stopMessage(run.answerId);
+      return;
+    } catch (error) {
+      if (!(error instanceof ApiError && error.status === 404)) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 200)); // the request is still on its way
+    }
   }
 }
 
