@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
 from uuid import UUID
@@ -294,8 +295,8 @@ async def _stop_anywhere(message: Message) -> None:
 
 async def _wait_for_end(message: Message, *, timeout: float) -> None:
     try:
-        async with asyncio.timeout(timeout):
-            async for item in follow_events(message=message, after=0):
+        async with asyncio.timeout(timeout), aclosing(follow_events(message=message, after=0)) as events:
+            async for item in events:
                 if item.is_terminal:
                     return
     except TimeoutError:

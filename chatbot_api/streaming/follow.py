@@ -89,8 +89,10 @@ class _Reader:
         """The events after the offset, then exactly one terminal event (or none past the end)."""
         message_id = self.message.id
         try:
-            async for item in self._follow():
-                yield item
+            # Each nested generator is closed here, not by the garbage collector (aclosing).
+            async with aclosing(self._follow()) as items:
+                async for item in items:
+                    yield item
         except _Ended:
             return
         except _Stopping:
@@ -121,8 +123,9 @@ class _Reader:
         """Read the log; while there is none, wait for it as long as the answer may come back."""
         while True:
             try:
-                async for item in self._from_log():
-                    yield item
+                async with aclosing(self._from_log()) as items:
+                    async for item in items:
+                        yield item
             except LogNotFound:
                 pass
             if not await _log_may_come_back(self.message.id, self.manager):

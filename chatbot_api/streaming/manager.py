@@ -138,9 +138,10 @@ class GenerationManager:
         """Stop our generations that another process was asked to stop (shared event log)."""
         while True:
             try:
-                async for message_id in self.log.stop_requests():
-                    if message_id in self._running:
-                        detached_task(self.stop(message_id), name=f"stop-{message_id}")
+                async with contextlib.aclosing(self.log.stop_requests()) as requests:
+                    async for message_id in requests:
+                        if message_id in self._running:
+                            detached_task(self.stop(message_id), name=f"stop-{message_id}")
             except asyncio.CancelledError:
                 raise
             except Exception:
