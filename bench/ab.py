@@ -71,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         git = ["git", "-C", str(servers.ROOT)]
         subprocess.run([*git, "worktree", "add", "--detach", "-q", str(base_tree), args.base], check=True)
         try:
-            database = servers.Database(workdir)
+            base_database = servers.Database(workdir / "base-db", root=base_tree)
+            head_database = servers.Database(workdir / "head-db")
             text = load.message(chunks=args.chunks, interval=0.02, first_delay=args.first_delay)
             with (
                 servers.upstream(workdir) as upstream,
-                servers.server(workdir, database, upstream_url=upstream.url, root=base_tree) as base,
-                servers.server(workdir, database, upstream_url=upstream.url) as head,
+                servers.server(workdir, base_database, upstream_url=upstream.url, root=base_tree) as base,
+                servers.server(workdir, head_database, upstream_url=upstream.url) as head,
             ):
                 sides = {f"base {args.base}": base, "this tree": head}
                 ttfts, cpu = asyncio.run(_rounds(sides, upstream.url, args.requests, text))

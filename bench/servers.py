@@ -186,17 +186,23 @@ API_TOKEN = "bench-api-token-0123456789abcdef01234567"  # Token.key holds 40 cha
 
 @dataclass
 class Database:
-    """A migrated SQLite file, copied for every server so each starts from the same state."""
+    """A migrated SQLite file, copied for every server so each starts from the same state.
+
+    Migrated by the source tree `root` runs (`bench.ab` gives each tree its own, since
+    two revisions may not share a schema).
+    """
 
     workdir: Path
+    root: Path = ROOT
     template: Path = field(init=False)
     copies: int = 0
 
     def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.template = self.workdir / "template.sqlite3"
-        env = {**base_env(), **SERVER_ENV, "DATABASE_URL": f"sqlite:///{self.template}"}
+        env = {**base_env(self.root), **SERVER_ENV, "DATABASE_URL": f"sqlite:///{self.template}"}
         migrate = [PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"]
-        subprocess.run(migrate, cwd=ROOT, env=env, check=True, timeout=120)
+        subprocess.run(migrate, cwd=self.root, env=env, check=True, timeout=120)
         # A user with an API token: the way a program is meant to call the API.
         api_user = (
             "from django.contrib.auth.models import User; from rest_framework.authtoken.models import Token; "
@@ -204,7 +210,7 @@ class Database:
             "user=User.objects.get_or_create(username='bench')[0])"
         )
         subprocess.run(
-            [PYTHON, "manage.py", "shell", "-c", api_user], cwd=ROOT, env=env, check=True, timeout=120
+            [PYTHON, "manage.py", "shell", "-c", api_user], cwd=self.root, env=env, check=True, timeout=120
         )
 
     def fresh(self) -> str:
