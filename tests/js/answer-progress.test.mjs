@@ -101,3 +101,99 @@ test("answer ids are version-4 UUIDs, also where crypto.randomUUID is missing (p
   }
   assert.match(newUuid(), shape);
 });
+
+// --- readToEnd: the resume loop ------------------------------------------------------------
+
+async function readWith({ streams, canResume = (error) => error.resumable === true, named = true }) {
+  const { readToEnd } = await import("../../chatbot_web/static/chatbot_web/answer-progress.js");
+  const progress = new AnswerProgress();
+  const calls = [];
+  const waits = [];
+  let text = "";
+  const play = async (events) => {
+    for (const event of events) {
+      if (event instanceof Error) throw event;
+      const action = progress.apply(event);
+      if (action?.type === "append") text += action.text;
+      if (action?.type === "replace") text = action.text;
+    }
+  };
+  const outcome = await readToEnd({
+    progress,
+    start: () => {
+      calls.push("start");
+      return play(streams.shift());
+    },
+    resume: (after) => {
+      calls.push(`resume after ${after}`);
+      return play(streams.shift());
+    },
+    canResume,
+    wait: async (attempt, retryAfter) => waits.push([attempt, retryAfter]),
+    hasAnswer: () => named,
+    neverStarted: () => new Error("never started"),
+  });
+  return { outcome, progress, calls, waits, text };
+}
+
+function cut(extra = {}) {
+  return Object.assign(new Error("connection lost"), { resumable: true, ...extra });
+}
+
+test("a cut stream is resumed after the last event, and the text is whole and not repeated", async () => {
+  const { outcome, progress, calls, text } = await readWith({
+    streams: [
+      [meta, { type: "delta", seq: 2, text: "Hel" }, cut()],
+      [{ type: "delta", seq: 2, text: "Hel" }, { type: "delta", seq: 3, text: "lo" }, { type: "done", seq: 4, status: "complete" }],
+    ],
+  });
+
+  assert.deepEqual(calls, ["start", "resume after 2"]);
+  assert.equal(text, "Hello");
+  assert.equal(progress.terminal.status, "complete");
+  assert.deepEqual(outcome, { resumed: true });
+});
+
+test("a reader's own end (server restarting) and a stream that ends without its terminal event are resumed", async () => {
+  const { calls, progress } = await readWith({
+    streams: [
+      [meta, { type: "error", code: "server_shutdown", retryable: true }],
+      [], // the stream ended quietly: no terminal event means resume
+      [{ type: "done", seq: 2, status: "complete" }],
+    ],
+  });
+  assert.deepEqual(calls, ["start", "resume after 1", "resume after 1"]);
+  assert.ok(progress.finished);
+});
+
+test("back-off grows while nothing arrives, starts over once the answer progresses, honours Retry-After", async () => {
+  const { waits } = await readWith({
+    streams: [
+      [meta, cut()],
+      [cut({ retryAfter: 5 })],
+      [cut()],
+      [{ type: "delta", seq: 2, text: "x" }, cut()],
+      [{ type: "done", seq: 3, status: "complete" }],
+    ],
+  });
+  assert.deepEqual(waits, [[0, null], [1, 5], [2, null], [0, null]]);
+});
+
+test("an error that resuming cannot help ends the reading with it", async () => {
+  const refused = Object.assign(new Error("bad request"), { resumable: false });
+  await assert.rejects(readWith({ streams: [[meta, refused]] }), /bad request/);
+});
+
+test("an answer the server never named cannot be resumed", async () => {
+  await assert.rejects(readWith({ streams: [[cut()]], named: false }), /never started/);
+});
+
+test("a replay rebuilt from the database (snapshot) replaces the partial text", async () => {
+  const { text } = await readWith({
+    streams: [
+      [meta, { type: "delta", seq: 2, text: "part" }, cut()],
+      [{ type: "snapshot", seq: 6, text: "the whole answer" }, { type: "done", seq: 8, status: "complete" }],
+    ],
+  });
+  assert.equal(text, "the whole answer");
+});

@@ -72,3 +72,40 @@ export function newUuid() {
   const hex = [...bytes].map((byte) => byte.toString(16).padStart(2, "0")).join("");
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
 }
+
+/**
+ * Read an answer to its terminal event, resuming after the last event applied whenever a
+ * stream ends without it (a cut connection, a reader's own end, a busy server), so the
+ * text is never lost nor repeated. Everything that touches the network or the page comes
+ * in as a function:
+ *   start()                     read the stream that started the answer
+ *   resume(after)               read its events after seq `after`
+ *   canResume(error)            whether reading again may help
+ *   wait(attempt, retryAfter)   resolves when it is time to try again (rejects when aborted)
+ *   hasAnswer()                 whether the server named the answer (else nothing to resume)
+ *   neverStarted()              the error to fail with when it did not
+ *   onRetry()                   called before each wait
+ * `progress` is the AnswerProgress the streams' events are applied to. Resolves with
+ * `{ resumed }` once `progress.finished`; rejects with the error that ended the reading.
+ */
+export async function readToEnd({ progress, start, resume, canResume, wait, hasAnswer, neverStarted, onRetry }) {
+  let request = start;
+  let resumed = false;
+  for (let attempt = 0; ; attempt++) {
+    const seqBefore = progress.lastSeq;
+    let retryAfter = null;
+    try {
+      await request();
+    } catch (error) {
+      if (!canResume(error)) throw error;
+      retryAfter = error.retryAfter ?? null;
+    }
+    if (progress.finished) return { resumed };
+    if (!hasAnswer()) throw neverStarted();
+    if (progress.lastSeq > seqBefore) attempt = 0; // it was progressing: retry quickly
+    resumed = true;
+    onRetry?.();
+    await wait(attempt, retryAfter);
+    request = () => resume(progress.lastSeq);
+  }
+}

@@ -3,7 +3,14 @@
 // Libraries (vendored, loaded as classic scripts before this module): marked, DOMPurify,
 // highlight.js, and Django's JavaScript catalogue for gettext().
 import { ApiError, ChatApi, ChatSocket, ConnectionLost, isAbort } from "chatbot/api";
-import { AnswerProgress, endStatus, newUuid, RESUMABLE_STATUSES, retryDelay } from "chatbot/answer-progress";
+import {
+  AnswerProgress,
+  endStatus,
+  newUuid,
+  RESUMABLE_STATUSES,
+  readToEnd,
+  retryDelay,
+} from "chatbot/answer-progress";
 
 const gettext = window.gettext ?? ((text) => text);
 const interpolate = window.interpolate ?? ((text) => text);
@@ -452,7 +459,6 @@ class AnswerRun {
     this.progress = new AnswerProgress();
     this.stopRequested = false;
     this.reconnecting = false;
-    this.resumed = false; // reconnected at least once
     this.controller = new AbortController();
     this.onEvent = (event) => this.handle(event);
   }
@@ -541,30 +547,22 @@ function detachRuns() {
  * seen (`after=lastSeq`), with backoff, so the text is never lost nor repeated.
  */
 async function driveRun(run, firstRequest) {
-  let request = firstRequest;
   try {
-    for (let attempt = 0; ; attempt++) {
-      const seqBefore = run.lastSeq;
-      let retryAfter = null;
-      try {
-        await request();
-      } catch (error) {
-        if (!canResumeAfter(error, run)) throw error;
-        retryAfter = error.retryAfter ?? null;
-      }
-      if (run.finished) break;
-      if (!run.messageId) throw new ConnectionLost(); // the answer never started: nothing to resume
-      if (run.lastSeq > seqBefore) attempt = 0; // it was progressing: retry quickly
-      run.reconnecting = true;
-      run.resumed = true;
-      connection.update();
-      await waitBeforeRetry(attempt, run.signal, retryAfter);
-      request = () =>
-        run.transport.followEvents({
-          messageId: run.messageId, after: run.lastSeq, signal: run.signal, onEvent: run.onEvent,
-        });
-    }
-    if (run.resumed) await catchUpWithStoredText(run);
+    const { resumed } = await readToEnd({
+      progress: run.progress,
+      start: firstRequest,
+      resume: (after) =>
+        run.transport.followEvents({ messageId: run.messageId, after, signal: run.signal, onEvent: run.onEvent }),
+      canResume: (error) => canResumeAfter(error, run),
+      wait: (attempt, retryAfter) => waitBeforeRetry(attempt, run.signal, retryAfter),
+      hasAnswer: () => Boolean(run.messageId),
+      neverStarted: () => new ConnectionLost(),
+      onRetry: () => {
+        run.reconnecting = true;
+        connection.update();
+      },
+    });
+    if (resumed) await catchUpWithStoredText(run);
     finishRun(run);
   } catch (error) {
     if (!isAbort(error)) failRun(run, error);
