@@ -220,10 +220,14 @@ def test_stop_keeps_the_partial_answer(open_page, upstream, transport):
         "() => document.querySelector('.message-assistant .bubble-body').textContent.split(' ').length >= 4"
     )
 
-    page.click("#stopButton")
+    if transport == "ws":
+        page.keyboard.press("Escape")  # the keyboard way to stop
+    else:
+        page.click("#stopButton")
 
     answer = wait_answer_finished(page)
     expect(answer.locator(".badge-stopped")).to_have_text("Stopped")
+    expect(page.locator("#messageInput")).to_be_focused()  # not the page body
     screenshot(page, f"stopped-{transport}")
     message = assistant_message()
     assert message.status == Message.Status.STOPPED

@@ -768,6 +768,7 @@ async function stopJsonAnswer(run) {
 function stopAnswers() {
   ui.stopButton.disabled = true;
   for (const run of state.runs) run.stop().catch(showRequestError);
+  ui.messageInput.focus(); // the disabled Stop button must not drop the focus to the page body
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1159,9 +1160,12 @@ function bindEvents() {
   ui.sidebarToggle.addEventListener("click", () => setSidebarOpen(!app.classList.contains("sidebar-open")));
   ui.sidebarBackdrop.addEventListener("click", () => setSidebarOpen(false));
   document.addEventListener("keydown", (event) => {
-    if (event.key === "Escape" && app.classList.contains("sidebar-open")) {
+    if (event.key !== "Escape" || event.defaultPrevented) return;
+    if (app.classList.contains("sidebar-open")) {
       setSidebarOpen(false);
       ui.sidebarToggle.focus();
+    } else if (state.runs.size) {
+      stopAnswers(); // Escape stops the running answer, as in other chat apps
     }
   });
   window.addEventListener("online", () => connection.update());
