@@ -74,6 +74,10 @@ class Message(models.Model):
     # ends it (its worker, or the sweep after that worker died) gives the slot back.
     client_key = models.CharField(max_length=128, blank=True)
     holds_slot = models.BooleanField(default=False)
+    # How the client asked for the answer ("json", "sse", "ndjson", "websocket") and the
+    # seed's `streaming` flag, so a page shows it the same way after a reload.
+    transport = models.CharField(max_length=16, blank=True)
+    streaming = models.BooleanField(default=False)
     # The seq of the answer's terminal event, once it ended: a resume at or past it has
     # nothing left to read, and events rebuilt from the database keep the log's numbering.
     last_seq = models.PositiveIntegerField(null=True, blank=True)

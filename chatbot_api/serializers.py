@@ -82,6 +82,8 @@ class MessageSerializer(serializers.ModelSerializer):
             "finish_reason",
             "error_code",
             "error_message",
+            "transport",
+            "streaming",
             "created_at",
         ]
         read_only_fields = fields

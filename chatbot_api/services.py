@@ -56,6 +56,7 @@ async def chat_start(
     text: str,
     session_id: str | None = None,
     transport: str = "json",
+    streaming: bool = False,
     answer_id: UUID | None = None,
 ) -> Turn:
     """Save the user's message, create the answer and start generating it in the background.
@@ -75,6 +76,7 @@ async def chat_start(
         transport=transport,
         create=partial(_create_turn, owner=owner, conversation=conversation, text=text, provider=provider),
         answer_id=answer_id,
+        streaming=streaming or transport != "json",
     )
 
 
@@ -113,11 +115,19 @@ async def answer_regenerate(
         transport=transport,
         create=partial(_replace_answer, old_answer=old_answer, question=question, provider=provider),
         answer_id=answer_id,
+        streaming=transport != "json",
     )
 
 
 async def _start_answer(
-    *, owner: Owner, provider: Provider, prompt: list[dict], transport: str, create, answer_id: UUID | None
+    *,
+    owner: Owner,
+    provider: Provider,
+    prompt: list[dict],
+    transport: str,
+    create,
+    answer_id: UUID | None,
+    streaming: bool,
 ) -> Turn:
     """Count the answer against the limits, save it with `create()`, start its generation.
 
@@ -134,7 +144,11 @@ async def _start_answer(
     stream = EarlyStream(provider.stream(prompt, max_tokens=max_tokens, temperature=temperature))
     try:
         conversation, user_message, assistant_message = await sync_to_async(create)(
-            client_key=owner.rate_key, holds_slot=holds_slot, answer_id=answer_id
+            client_key=owner.rate_key,
+            holds_slot=holds_slot,
+            answer_id=answer_id,
+            transport=transport,
+            streaming=streaming,
         )
     except BaseException as error:  # nothing saved, nothing started: the slot goes back
         await asyncio.shield(stream.aclose())
@@ -245,6 +259,8 @@ def _create_answer(
     client_key: str,
     holds_slot: bool,
     answer_id: UUID | None,
+    transport: str,
+    streaming: bool,
 ) -> Message:
     """A pending answer (inside the caller's transaction); touches the conversation's `updated_at`."""
     now = timezone.now()
@@ -260,6 +276,8 @@ def _create_answer(
         heartbeat_at=now,
         client_key=client_key,
         holds_slot=holds_slot,
+        transport=transport,
+        streaming=streaming,
     )
 
 

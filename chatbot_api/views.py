@@ -84,6 +84,7 @@ class ChatView(ApiView):
             text=data["message"],
             session_id=data.get("session_id"),
             transport=transport,
+            streaming=data["streaming"],
             answer_id=data.get("answer_id"),
         )
         return await answer_response(turn, transport=transport, is_streaming=data["streaming"])

@@ -379,3 +379,28 @@ def test_long_answer_is_rendered_once_per_frame(open_page, upstream):
     assert 1 <= stats["renders"] < len(tokens) / 5, stats
     assert max(stats["longTasks"], default=0) < 250, stats
     screenshot(page, "long-answer")
+
+
+def test_a_reload_shows_each_answer_as_it_was_asked_for(open_page, upstream):
+    upstream.enqueue(
+        Script(chunks=["Streamed."]), Script(chunks=["Whole."]), Script(chunks=WORDS, interval=0.1)
+    )
+    page = open_page()
+    send(page, "First", streaming=True)
+    wait_answer_finished(page)
+    send(page, "Second", streaming=False)
+    wait_answer_finished(page)
+    send(page, "Third", streaming=False)  # still being written when the page reloads
+    upstream.wait_for_request(3)
+
+    page.reload()
+    wait_ready(page)
+
+    answers = page.locator(".message-assistant")
+    expect(answers).to_have_count(3)
+    expect(answers.nth(2).locator(".loading")).to_have_text("The assistant is thinking...")
+    wait_answer_finished(page)
+    expect(answers.nth(0).locator(".streamed-mark")).to_have_count(1)
+    expect(answers.nth(1).locator(".streamed-mark")).to_have_count(0)
+    expect(answers.nth(2).locator(".streamed-mark")).to_have_count(0)
+    screenshot(page, "reload-keeps-how-answers-were-asked")

@@ -396,8 +396,14 @@ function appendAnswerView() {
   return view;
 }
 
+/** Whether an answer was asked for as a stream (any streaming transport, or the seed's flag). */
+function wasStreamed(message) {
+  return message.streaming || (Boolean(message.transport) && message.transport !== "json");
+}
+
 function appendFinishedAnswer(message) {
   const view = appendAnswerView();
+  view.streamed = wasStreamed(message);
   view.messageId = message.id;
   view.text = message.content;
   view.model = message.model;
@@ -827,9 +833,9 @@ async function loadConversation(sessionId) {
  */
 function followLiveAnswer(message) {
   const view = appendAnswerView();
-  view.streamed = true;
+  view.streamed = wasStreamed(message); // shown as it was asked for, though it is followed live
   view.model = message.model;
-  view.setLoading(loadingText(true));
+  view.setLoading(loadingText(view.streamed));
   const transport = selectedTransport();
   const run = startRun(view, { transport });
   run.messageId = message.id;
