@@ -57,6 +57,9 @@ class ChatResponseSerializer(serializers.Serializer):
     error = serializers.CharField(required=False)
     message_id = serializers.UUIDField()
     status = serializers.ChoiceField(choices=Message.Status.choices)
+    finish_reason = serializers.CharField(
+        required=False, help_text="stop, length (cut at CHATBOT_MAX_TOKENS), stopped or error"
+    )
     model = serializers.CharField(required=False, allow_blank=True)
     provider = serializers.CharField(required=False, allow_blank=True)
     usage = TokenUsageSerializer(required=False, allow_null=True)

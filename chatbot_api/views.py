@@ -106,6 +106,7 @@ async def answer_response(turn: services.Turn, *, transport: str, is_streaming: 
         "is_streaming": is_streaming,
         "is_final": True,
         "status": answer.terminal.data.get("status", Message.Status.FAILED),
+        "finish_reason": answer.terminal.data.get("finish_reason", "error"),
         "model": answer.meta.get("model", ""),
         "provider": answer.meta.get("provider", ""),
         "usage": answer.usage,

@@ -211,3 +211,15 @@ def test_usage_today_is_hidden_without_the_endpoint(open_page):
         page.reload()
     page.wait_for_selector("#app[data-ready=true]")
     expect(page.locator("#usageToday")).to_be_hidden()
+
+
+def test_a_too_long_error_goes_away_once_the_text_fits(open_page, upstream):
+    page = open_page()
+    page.fill("#messageInput", "x" * 1001)
+    page.press("#messageInput", "Enter")
+    expect(page.locator("#composerError")).to_be_visible()
+
+    page.press("#messageInput", "Backspace")
+
+    expect(page.locator("#composerError")).to_be_hidden()
+    expect(page.locator("#charCounter")).to_have_text("1000 / 1000")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 
@@ -404,3 +405,27 @@ def test_a_reload_shows_each_answer_as_it_was_asked_for(open_page, upstream):
     expect(answers.nth(1).locator(".streamed-mark")).to_have_count(0)
     expect(answers.nth(2).locator(".streamed-mark")).to_have_count(0)
     screenshot(page, "reload-keeps-how-answers-were-asked")
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "json"])
+def test_an_answer_cut_at_the_length_limit_says_so(open_page, upstream, streaming):
+    upstream.enqueue(Script(chunks=["It was a dark and stormy"], finish_reason="length"))
+    page = open_page()
+    send(page, "Tell me a story", streaming=streaming)
+
+    note = wait_answer_finished(page).locator(".message-note")
+
+    expect(note).to_have_text("The answer was cut at the length limit.")
+    page.reload()
+    wait_ready(page)
+    expect(last_answer(page).locator(".message-note")).to_have_text("The answer was cut at the length limit.")
+
+
+def test_a_first_json_answer_is_in_the_sidebar_while_it_is_written(open_page, upstream):
+    upstream.enqueue(Script(chunks=WORDS, interval=0.1))
+    page = open_page()
+    send(page, "A new conversation", streaming=False)
+
+    expect(page.locator(".conversation-open")).to_have_count(1)
+    expect(last_answer(page)).to_have_class(re.compile(r"\brunning\b"))
+    wait_answer_finished(page)

@@ -334,15 +334,23 @@ class AnswerView {
   }
 
   /** The answer ended: final render, status badge, error text, actions. */
-  finish({ status, errorCode = "", retryAfter = null, limit = null }) {
+  finish({ status, errorCode = "", retryAfter = null, limit = null, finishReason = "" }) {
     this.render();
     this.loading.remove();
     this.item.classList.remove("running");
     this.item.dataset.status = status;
     this.renderFooter(status);
     if (errorCode) this.showError(errorText(errorCode, { retryAfter, limit }));
+    else if (finishReason === "length") this.showNote(gettext("The answer was cut at the length limit."));
     this.codeCache = new Map();
     scroller.follow();
+  }
+
+  showNote(text) {
+    const note = document.createElement("p");
+    note.className = "message-note";
+    note.textContent = text;
+    this.footer.before(note);
   }
 
   showError(text) {
@@ -408,7 +416,7 @@ function appendFinishedAnswer(message) {
   view.text = message.content;
   view.model = message.model;
   view.completionTokens = message.completion_tokens;
-  view.finish({ status: message.status, errorCode: message.error_code });
+  view.finish({ status: message.status, errorCode: message.error_code, finishReason: message.finish_reason });
 }
 
 function announce(text) {
@@ -599,7 +607,7 @@ function canResumeAfter(error, run) {
 function finishRun(run) {
   const event = run.terminal;
   if (event.type === "done") {
-    run.view.finish({ status: event.status });
+    run.view.finish({ status: event.status, finishReason: event.finish_reason });
     announce(run.view.body.textContent);
   } else {
     run.view.finish({ status: endStatus(event), errorCode: event.code });
@@ -720,6 +728,7 @@ async function jsonAnswer(view, runOptions, request) {
   const run = startRun(view, runOptions);
   // The page names the answer itself, so Stop can reach it before the JSON comes back.
   run.answerId = newUuid();
+  if (!state.sessionId) showNewConversationSoon(run);
   try {
     const body = await request({ signal: run.signal, answerId: run.answerId });
     run.messageId = body.message_id;
@@ -730,7 +739,7 @@ async function jsonAnswer(view, runOptions, request) {
     view.text = body.response ?? "";
     run.progress.apply(
       body.success
-        ? { type: "done", status: body.status }
+        ? { type: "done", status: body.status, finish_reason: body.finish_reason }
         : { type: "error", status: body.status, code: body.code ?? "error", retryable: false },
     );
     finishRun(run);
@@ -743,6 +752,26 @@ async function jsonAnswer(view, runOptions, request) {
     failRun(run, error);
   } finally {
     endRun(run);
+  }
+}
+
+/**
+ * A JSON-mode first message learns its conversation only with the answer: ask for the
+ * answer the page named as soon as the server has saved it, and list its conversation.
+ */
+async function showNewConversationSoon(run) {
+  for (let attempt = 0; attempt < 10 && state.runs.has(run); attempt++) {
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    try {
+      const message = await api.getMessage(run.answerId);
+      if (!state.sessionId && state.runs.has(run)) {
+        setSession(message.conversation);
+        refreshConversations();
+      }
+      return;
+    } catch {
+      // not saved yet: try again shortly
+    }
   }
 }
 
@@ -1010,6 +1039,8 @@ function updateCounter() {
   const count = characterCount(ui.messageInput.value);
   ui.charCounter.textContent = `${count} / ${maxLength}`;
   ui.charCounter.classList.toggle("over", count > maxLength);
+  // A "too long" error is over once the text fits again.
+  if (count <= maxLength && ui.composerError.dataset.reason === "too-long") hideComposerError();
   // Grow with the text up to a limit (CSS max-height), then scroll.
   ui.messageInput.style.height = "auto";
   ui.messageInput.style.height = `${ui.messageInput.scrollHeight}px`;
@@ -1035,6 +1066,7 @@ function submitMessage() {
         { count, max: maxLength },
         true,
       ),
+      "too-long",
     );
     return;
   }
@@ -1045,9 +1077,10 @@ function submitMessage() {
 
 let errorCountdown = 0;
 
-function showComposerError(text) {
+function showComposerError(text, reason = "") {
   clearInterval(errorCountdown);
   ui.composerError.textContent = text;
+  ui.composerError.dataset.reason = reason;
   ui.composerError.hidden = false;
 }
 
@@ -1055,6 +1088,7 @@ function hideComposerError() {
   clearInterval(errorCountdown);
   ui.composerError.hidden = true;
   ui.composerError.textContent = "";
+  ui.composerError.dataset.reason = "";
 }
 
 /** Show why a request was refused; a rate limit counts down its Retry-After. */
