@@ -115,6 +115,8 @@ def usage_report(*, owner: Owner) -> dict:
             "concurrent_streams": limits.concurrent_streams,
             "tokens_per_day": limits.tokens_per_day,
             "tokens_used_today": rate_limiter.tokens_used_today(owner.rate_key),
+            # Anonymous visitors share their address's limits; their own usage is `today`.
+            "counted_per": "user" if owner.user_id is not None else "address",
         },
         "days": days,
     }

@@ -141,6 +141,11 @@ class UsageLimitsSerializer(serializers.Serializer):
     concurrent_streams = serializers.IntegerField(help_text="0 = unlimited")
     tokens_per_day = serializers.IntegerField(help_text="0 = unlimited")
     tokens_used_today = serializers.IntegerField(help_text="What the daily quota counts (per client).")
+    counted_per = serializers.ChoiceField(
+        choices=["user", "address"],
+        help_text="Whose usage the limits count: a signed-in user's, or (anonymous) the client address's, "
+        "shared by every visitor from it; the visitor's own is `today`.",
+    )
 
 
 class UsageReportSerializer(serializers.Serializer):

@@ -196,12 +196,19 @@ def test_usage_today_comes_from_the_server(open_page, upstream):
         Script(chunks=["Hello", " there"], usage={"prompt_tokens": 1200, "completion_tokens": 34})
     )
     page = open_page()
-    expect(page.locator("#usageToday")).to_have_text("Usage today: 0 of 200,000 tokens")
+    expect(page.locator("#usageToday")).to_have_text("Usage today: 0 tokens (this address: 0 of 200,000)")
 
     send(page, "Hi", streaming=True)
     wait_answer_finished(page)
 
-    expect(page.locator("#usageToday")).to_have_text("Usage today: 1,234 of 200,000 tokens")
+    expect(page.locator("#usageToday")).to_have_text(
+        "Usage today: 1,234 tokens (this address: 1,234 of 200,000)"
+    )
+    # Another visitor from the same address: their own usage is theirs, the allowance is shared.
+    neighbour = open_page()
+    expect(neighbour.locator("#usageToday")).to_have_text(
+        "Usage today: 0 tokens (this address: 1,234 of 200,000)"
+    )
 
 
 def test_usage_today_is_hidden_without_the_endpoint(open_page):

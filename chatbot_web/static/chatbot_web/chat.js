@@ -1019,12 +1019,19 @@ async function refreshUsage() {
   const { prompt_tokens: prompt = 0, completion_tokens: completion = 0 } = usage.today;
   const format = (n) => new Intl.NumberFormat(document.documentElement.lang || undefined).format(n);
   const allowance = usage.limits?.tokens_per_day;
-  ui.usageToday.textContent = allowance
-    ? interpolate(gettext("Usage today: %(used)s of %(allowance)s tokens"), {
-        used: format(usage.limits.tokens_used_today ?? prompt + completion),
-        allowance: format(allowance),
-      }, true)
-    : interpolate(gettext("Usage today: %s tokens"), [format(prompt + completion)]);
+  const counted = { used: format(usage.limits?.tokens_used_today ?? prompt + completion), allowance: format(allowance) };
+  if (!allowance) {
+    ui.usageToday.textContent = interpolate(gettext("Usage today: %s tokens"), [format(prompt + completion)]);
+  } else if (usage.limits.counted_per === "address") {
+    // An anonymous visitor: their own usage, and the allowance they share with their address.
+    ui.usageToday.textContent = interpolate(
+      gettext("Usage today: %(own)s tokens (this address: %(used)s of %(allowance)s)"),
+      { own: format(prompt + completion), ...counted },
+      true,
+    );
+  } else {
+    ui.usageToday.textContent = interpolate(gettext("Usage today: %(used)s of %(allowance)s tokens"), counted, true);
+  }
   ui.usageToday.hidden = false;
 }
 
