@@ -45,9 +45,13 @@ def client_ip(request) -> str | None:
     return request.META.get("REMOTE_ADDR") if request is not None else None
 
 
-def check(username: str | None, ip: str | None) -> None:
-    """Raise `LoginThrottled` if this account or address failed too often lately."""
-    for key, limit in _keys(username, ip):
+def check(request, username: str | None) -> None:
+    """Raise `LoginThrottled` if this account or the request's address failed too often lately.
+
+    The backend calls it before any password is checked; the views call it first too, to
+    answer with a clear message (and a 429 for the API) instead of "wrong password".
+    """
+    for key, limit in _keys(username, client_ip(request)):
         if (cache.get(key) or 0) >= limit:
             raise LoginThrottled(int(chatbot_setting("LOGIN_LOCKOUT_SECONDS")))
 
@@ -70,7 +74,7 @@ class ThrottledModelBackend(ModelBackend):
     """Django's model backend, refusing while the account or the client address is throttled."""
 
     def authenticate(self, request, username=None, password=None, **kwargs):
-        check(username, client_ip(request))  # PermissionDenied makes authenticate() stop here
+        check(request, username)  # PermissionDenied makes authenticate() stop here
         user = super().authenticate(request, username=username, password=password, **kwargs)
         if user is not None:
             clear_account(username)
@@ -85,8 +89,3 @@ def _count_failure(sender, credentials, request=None, **kwargs):
 @receiver(user_logged_in)
 def _clear_on_success(sender, request, user, **kwargs):
     clear_account(user.get_username())
-
-
-def refuse_if_throttled(request, username: str | None) -> None:
-    """For views: the throttle's verdict before any password is checked, as `LoginThrottled`."""
-    check(username, client_ip(request))

@@ -231,7 +231,7 @@ class TokenView(ObtainAuthToken):
     def post(self, request, *args, **kwargs):
         username = request.data.get("username") if isinstance(request.data, dict) else None
         try:
-            login_throttle.refuse_if_throttled(request, username if isinstance(username, str) else None)
+            login_throttle.check(request, username if isinstance(username, str) else None)
         except login_throttle.LoginThrottled as throttled:
             raise ChatbotError(
                 str(throttled.args[0]),

@@ -39,7 +39,7 @@ class ThrottledAuthenticationForm(AuthenticationForm):
 
     def clean(self):
         try:
-            login_throttle.refuse_if_throttled(self.request, self.data.get("username"))
+            login_throttle.check(self.request, self.data.get("username"))
         except login_throttle.LoginThrottled as throttled:
             raise forms.ValidationError(str(throttled.args[0]), code="throttled") from None
         return super().clean()

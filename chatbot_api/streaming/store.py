@@ -1,9 +1,9 @@
-"""Everything the generations write to the database, and the slots they give back.
+"""Everything the generations write to the database.
 
 One thread with its own connection does every write (batched partial-text flushes,
 outcomes, heartbeats, the sweep's claims), so generations never queue behind request
-threads; giving a rate-limit slot back goes to the cache on another thread, so a slow
-Redis never holds those writes up.
+threads. (Slots go back through `limits.give_back`, on another thread, so a slow Redis
+never holds these writes up.)
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def _in_connection(function, *args):
 
 
 class AnswerStore:
-    """Saves what generations produce: partial text in batches, outcomes once, slots given back."""
+    """Saves what generations produce: partial text in batches, outcomes once."""
 
     def __init__(self):
         self.db = DatabaseThread()

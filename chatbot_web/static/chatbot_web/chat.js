@@ -760,18 +760,10 @@ async function jsonAnswer(view, runOptions, request) {
  * answer the page named as soon as the server has saved it, and list its conversation.
  */
 async function showNewConversationSoon(run) {
-  for (let attempt = 0; attempt < 10 && state.runs.has(run); attempt++) {
-    await new Promise((resolve) => setTimeout(resolve, 300));
-    try {
-      const message = await api.getMessage(run.answerId);
-      if (!state.sessionId && state.runs.has(run)) {
-        setSession(message.conversation);
-        refreshConversations();
-      }
-      return;
-    } catch {
-      // not saved yet: try again shortly
-    }
+  const message = await onceSaved(run, () => api.getMessage(run.answerId)).catch(() => null);
+  if (message && !state.sessionId && state.runs.has(run)) {
+    setSession(message.conversation);
+    refreshConversations();
   }
 }
 
@@ -788,16 +780,24 @@ async function resumeConversationLater(run) {
 }
 
 /** Stop for the JSON mode: the answer has the id this page gave it (it may not exist yet). */
-async function stopJsonAnswer(run) {
-  for (let attempt = 0; attempt < 10; attempt++) {
+function stopJsonAnswer(run) {
+  return onceSaved(run, () => api.stopMessage(run.answerId));
+}
+
+/**
+ * `request()` for an answer the page named, retried while the server has not saved it
+ * yet (404), for as long as the run lasts; resolves with its result, or null.
+ */
+async function onceSaved(run, request, { attempts = 10, delay = 300 } = {}) {
+  for (let attempt = 0; attempt < attempts && state.runs.has(run); attempt++) {
     try {
-      await api.stopMessage(run.answerId);
-      return;
+      return await request();
     } catch (error) {
       if (!(error instanceof ApiError && error.status === 404)) throw error;
-      await new Promise((resolve) => setTimeout(resolve, 200)); // the request is still on its way
+      await new Promise((resolve) => setTimeout(resolve, delay));
     }
   }
+  return null;
 }
 
 function stopAnswers() {
