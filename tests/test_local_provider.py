@@ -82,6 +82,21 @@ async def test_bundled_model_answers_with_its_own_token_counts(provider):
 
 
 @pytest.mark.asyncio
+async def test_weights_are_loaded_without_repacking_unless_asked(provider):
+    """Repacked (AMX) weights crash on VMs that advertise AMX without enabling it, as CI's does."""
+    import llama_cpp.llama_cpp as low_level
+
+    defaults = low_level.llama_model_default_params
+    assert provider.repack_weights is False
+    await answer(provider, CAPITAL, max_tokens=2)  # a multi-token prompt: the batch that crashed
+
+    model = provider._worker.model.llm
+    assert model.model_params.use_extra_bufts is False
+    assert low_level.llama_model_default_params is defaults  # the override lasted one load
+    assert low_level.llama_model_default_params().use_extra_bufts is True
+
+
+@pytest.mark.asyncio
 async def test_count_tokens_is_an_upper_bound_then_exact_and_never_touches_the_model(provider):
     cjk = "東京は日本の首都です。"
     assert provider.count_tokens(cjk) == len(cjk.encode()) + 1  # at once, while the vocabulary loads

@@ -21,6 +21,7 @@ import os
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -108,11 +109,14 @@ class LocalProvider(Provider):
     name = "local"
     default_model = DEFAULT_MODEL_ID
 
-    def __init__(self, *, model_path: Path, model_id: str, n_ctx: int, n_threads: int):
+    def __init__(
+        self, *, model_path: Path, model_id: str, n_ctx: int, n_threads: int, repack_weights: bool = False
+    ):
         self.model_path = model_path
         self.model_id = model_id
         self.context_window = n_ctx
         self.n_threads = n_threads
+        self.repack_weights = repack_weights
         # Tokens sampled by the worker over all requests: shows how soon a cancel takes effect.
         self.tokens_generated = 0
         self._worker: _Worker | None = None
@@ -129,6 +133,7 @@ class LocalProvider(Provider):
             model_id=chatbot_setting("MODEL") or (path.stem if configured else DEFAULT_MODEL_ID),
             n_ctx=chatbot_setting("LOCAL_CONTEXT"),
             n_threads=chatbot_setting("LOCAL_THREADS") or os.cpu_count() or 1,
+            repack_weights=chatbot_setting("LOCAL_REPACK_WEIGHTS"),
         )
 
     async def stream(
@@ -299,13 +304,14 @@ class _Worker:
 
         provider = self.provider
         try:
-            llm = llama_cpp.Llama(
-                str(provider.model_path),
-                n_ctx=provider.context_window,
-                n_threads=provider.n_threads,
-                n_threads_batch=provider.n_threads,
-                verbose=False,
-            )
+            with _model_params(use_extra_bufts=provider.repack_weights):
+                llm = llama_cpp.Llama(
+                    str(provider.model_path),
+                    n_ctx=provider.context_window,
+                    n_threads=provider.n_threads,
+                    n_threads_batch=provider.n_threads,
+                    verbose=False,
+                )
         except (ValueError, RuntimeError) as exc:
             raise ProviderError(
                 f"The local model {provider.model_path} could not be loaded ({exc}): check that "
@@ -350,6 +356,32 @@ class _Worker:
         # freed on the thread that used it and never while it generates.
         await asyncio.wrap_future(self.executor.submit(self.unload))
         await asyncio.to_thread(self.executor.shutdown)  # the thread is idle: this joins it at once
+
+
+@contextmanager
+def _model_params(**fields):
+    """Set `llama_model_params` fields that `Llama()` takes no argument for, while it loads.
+
+    `Llama()` starts from `llama_model_default_params()`; for the duration of one load (on
+    the llama thread) that returns the defaults with `fields` applied. Fields this version
+    of llama.cpp does not have are left out.
+    """
+    import llama_cpp.llama_cpp as module  # the low-level module `Llama` looks the function up in
+
+    defaults = module.llama_model_default_params
+
+    def params():
+        chosen = defaults()
+        for name, value in fields.items():
+            if hasattr(chosen, name):
+                setattr(chosen, name, value)
+        return chosen
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = defaults
 
 
 class _Vocabulary:
