@@ -41,7 +41,7 @@ test: install-dev
 	scripts/ensure-chromium.sh
 	scripts/ensure-node.sh
 	$(BIN)/ruff check .
-	node --test tests/js/
+	node --import ./tests/js/register-importmap.mjs --test tests/js/
 	$(BIN)/python -m pytest
 	scripts/test-backends.sh
 

@@ -140,7 +140,7 @@ def test_vendor_readme_matches_the_vendored_versions():
 
 
 def test_every_javascript_text_is_in_the_italian_catalogue():
-    source = (STATIC / "chat.js").read_text()
+    source = "\n".join(path.read_text() for path in STATIC.glob("*.js"))  # the page's own modules
     texts = set(re.findall(r'\bn?gettext\(\s*"((?:[^"\\]|\\.)*)"', source))
     catalogue = (LOCALE / "it/LC_MESSAGES/djangojs.po").read_text()
     missing = [text for text in texts if f'msgid "{text}"' not in catalogue.replace('"\n"', "")]
@@ -168,6 +168,10 @@ def test_collectstatic_with_the_manifest_storage_serves_the_page(client, setting
     call_command("collectstatic", interactive=False, verbosity=0)
 
     html = client.get("/").content.decode()
-    hashed_module = re.search(r'"chatbot/api": "/static/(chatbot_web/chat-api\.[0-9a-f]{12}\.js)"', html)
-    assert hashed_module and (tmp_path / hashed_module.group(1)).is_file()
+    modules = re.findall(r'"chatbot/[\w-]+": "/static/([^"]+)"', html)
+    assert {"chatbot_web/chat-api", "chatbot_web/conversation", "chatbot_web/chat-views"} <= {
+        re.sub(r"\.[0-9a-f]{12}\.js$", "", path) for path in modules
+    }
+    for path in modules:
+        assert re.search(r"\.[0-9a-f]{12}\.js$", path) and (tmp_path / path).is_file(), path
     assert re.search(r'src="/static/chatbot_web/chat\.[0-9a-f]{12}\.js"', html)

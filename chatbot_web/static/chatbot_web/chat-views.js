@@ -1,0 +1,416 @@
+// The page's views: they render the state conversation.js owns and never change it. Each
+// view takes the elements it draws into; chat.js wires them to the state and to the user.
+//
+// Libraries (vendored classic scripts, loaded before the modules): marked, DOMPurify, highlight.js.
+import {
+  conversationTitle,
+  errorText,
+  gettext,
+  interpolate,
+  loadingText,
+  statusLabel,
+  tokenCount,
+} from "chatbot/texts";
+
+const BADGE_STATUSES = new Set(["stopped", "failed", "interrupted"]);
+const STICK_DISTANCE_PX = 48; // this close to the bottom, the list follows new text
+const HIGHLIGHT_CACHE_LIMIT = 64; // a growing code block adds one entry per frame
+
+// ---------------------------------------------------------------------------------------------
+// Markdown: marked -> DOMPurify. Raw HTML in answers is shown as text, never run.
+
+const SANITIZE_OPTIONS = {
+  USE_PROFILES: { html: true },
+  FORBID_TAGS: ["style", "img", "form", "input", "button", "textarea", "select", "iframe", "video", "audio"],
+  FORBID_ATTR: ["style"],
+};
+
+window.DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A" && node.hasAttribute("href")) {
+    node.setAttribute("target", "_blank");
+    node.setAttribute("rel", "noopener noreferrer nofollow");
+  }
+});
+
+function escapeHtml(text) {
+  return String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+let highlightCache = new Map(); // the rendering bubble's highlighted code blocks, reused while it streams
+
+function highlightCode(code, language) {
+  const key = `${language}\u0000${code}`;
+  let html = highlightCache.get(key);
+  if (html === undefined) {
+    html = language
+      ? window.hljs.highlight(code, { language, ignoreIllegals: true }).value
+      : escapeHtml(code);
+    highlightCache.set(key, html);
+  }
+  return html;
+}
+
+const markdownParser = new window.marked.Marked({
+  gfm: true,
+  renderer: {
+    html: ({ text }) => escapeHtml(text),
+    // Images become links: an answer must not make the browser fetch URLs on its own.
+    image: ({ href, text }) => `<a href="${escapeHtml(href)}">${escapeHtml(text || href)}</a>`,
+    checkbox: ({ checked }) => (checked ? "☑ " : "☐ "),
+    code: ({ text, lang }) => {
+      const requested = (lang || "").trim().split(/\s+/)[0].toLowerCase();
+      const language = requested && window.hljs.getLanguage(requested) ? requested : "";
+      const label = requested.replace(/[^\w+#.-]/g, "");
+      const codeClass = language ? `hljs language-${language}` : "hljs";
+      const highlighted = highlightCode(text, language);
+      return `<pre data-language="${label}"><code class="${codeClass}">${highlighted}</code></pre>`;
+    },
+  },
+});
+
+function renderMarkdown(source, cache) {
+  highlightCache = cache;
+  if (cache.size > HIGHLIGHT_CACHE_LIMIT) cache.clear();
+  return window.DOMPurify.sanitize(markdownParser.parse(source), SANITIZE_OPTIONS);
+}
+
+/** Give each code block a header with its language and a copy button. */
+function decorateCodeBlocks(container) {
+  for (const pre of container.querySelectorAll("pre")) {
+    const block = document.createElement("div");
+    block.className = "code-block";
+    const head = document.createElement("div");
+    head.className = "code-head";
+    const label = document.createElement("span");
+    label.textContent = pre.dataset.language || gettext("code");
+    head.append(label, actionButton("copy-code", "📋", gettext("Copy"), gettext("Copy code")));
+    pre.replaceWith(block);
+    block.append(head, pre);
+  }
+}
+
+export function actionButton(className, icon, label, accessibleName = label) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = `action-button ${className}`;
+  button.setAttribute("aria-label", accessibleName);
+  button.title = accessibleName;
+  const iconSpan = document.createElement("span");
+  iconSpan.setAttribute("aria-hidden", "true");
+  iconSpan.textContent = icon;
+  const labelSpan = document.createElement("span");
+  labelSpan.className = "action-label";
+  labelSpan.textContent = label;
+  button.append(iconSpan, labelSpan);
+  return button;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scrolling: follow new text unless the reader scrolled up
+
+export class Scroller {
+  constructor(container, toBottomButton) {
+    this.container = container;
+    this.button = toBottomButton;
+    this.stick = true;
+    container.addEventListener(
+      "scroll",
+      () => {
+        const distance = container.scrollHeight - container.scrollTop - container.clientHeight;
+        this.stick = distance < STICK_DISTANCE_PX;
+        this.button.hidden = this.stick;
+      },
+      { passive: true },
+    );
+    toBottomButton.addEventListener("click", () => this.toBottom());
+  }
+
+  follow() {
+    if (this.stick) this.container.scrollTop = this.container.scrollHeight;
+  }
+
+  toBottom() {
+    this.stick = true;
+    this.button.hidden = true;
+    this.container.scrollTop = this.container.scrollHeight;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages
+
+function messageItem(role) {
+  const item = document.createElement("li");
+  item.className = `message message-${role}`;
+  const bubble = document.createElement("div");
+  bubble.className = "bubble";
+  item.append(bubble);
+  return item;
+}
+
+function questionItem(question) {
+  const item = messageItem("user");
+  const body = document.createElement("div");
+  body.className = "bubble-body";
+  body.textContent = question.text; // the user's own text is shown as typed, never parsed as HTML
+  item.querySelector(".bubble").append(body);
+  return item;
+}
+
+/** One assistant answer. While it is written, its text is re-rendered at most once per frame. */
+class AnswerView {
+  constructor(answer, scroller) {
+    this.answer = answer;
+    this.scroller = scroller;
+    this.frame = 0;
+    this.codeCache = new Map();
+
+    this.item = messageItem("assistant");
+    const bubble = this.item.querySelector(".bubble");
+    this.body = document.createElement("div");
+    this.body.className = "bubble-body markdown";
+    this.loading = document.createElement("div");
+    this.loading.className = "loading";
+    this.footer = document.createElement("div");
+    this.footer.className = "message-footer";
+    bubble.append(this.body, this.loading, this.footer);
+
+    if (answer.running) {
+      this.item.classList.add("running");
+      this.loading.textContent = loadingText(answer.streamed);
+      this.render();
+      answer.on("text", () => this.scheduleRender());
+      answer.on("finish", () => this.finish());
+    } else {
+      this.finish();
+    }
+  }
+
+  scheduleRender() {
+    if (this.frame) return;
+    this.frame = requestAnimationFrame(() => {
+      this.frame = 0;
+      this.render();
+    });
+  }
+
+  render() {
+    if (this.frame) cancelAnimationFrame(this.frame);
+    this.frame = 0;
+    this.body.innerHTML = renderMarkdown(this.answer.text, this.codeCache);
+    decorateCodeBlocks(this.body);
+    this.scroller.follow();
+  }
+
+  /** The answer ended: final render, status badge, error text or note, actions. */
+  finish() {
+    const { status, errorCode, retryAfter, limit, finishReason } = this.answer.outcome;
+    this.render();
+    this.loading.remove();
+    this.item.classList.remove("running");
+    this.item.dataset.status = status;
+    this.renderFooter(status);
+    if (errorCode) this.showNote("message-error", errorText(errorCode, { retryAfter, limit }));
+    else if (finishReason === "length") this.showNote("message-note", gettext("The answer was cut at the length limit."));
+    this.codeCache = new Map();
+    this.scroller.follow();
+  }
+
+  showNote(className, text) {
+    const note = document.createElement("p");
+    note.className = className;
+    note.textContent = text;
+    this.footer.before(note);
+  }
+
+  renderFooter(status) {
+    const { answer } = this;
+    const details = document.createElement("span");
+    details.className = "message-details";
+    if (answer.streamed) {
+      const mark = document.createElement("span");
+      mark.className = "streamed-mark";
+      mark.title = gettext("Streamed");
+      mark.setAttribute("aria-label", gettext("Streamed"));
+      mark.textContent = "🔄";
+      details.append(mark);
+    }
+    if (BADGE_STATUSES.has(status)) {
+      const badge = document.createElement("span");
+      badge.className = `badge badge-${status}`;
+      badge.textContent = statusLabel(status);
+      details.append(badge);
+    }
+    const facts = [answer.model, answer.completionTokens ? tokenCount(answer.completionTokens) : ""];
+    const factsText = facts.filter(Boolean).join(" · ");
+    if (factsText) {
+      const span = document.createElement("span");
+      span.className = "message-facts";
+      span.textContent = factsText;
+      details.append(span);
+    }
+    const actions = document.createElement("span");
+    actions.className = "message-actions";
+    if (answer.text) actions.append(actionButton("copy-answer", "📋", gettext("Copy"), gettext("Copy answer")));
+    if (answer.id) {
+      actions.append(actionButton("regenerate", "↻", gettext("Regenerate"), gettext("Regenerate the answer")));
+    }
+    this.footer.replaceChildren(details, actions);
+  }
+}
+
+/** The open conversation's messages: one list item per Question or Answer, kept while it lives. */
+export class MessageListView {
+  constructor({ list, emptyState, scroller }) {
+    this.list = list;
+    this.emptyState = emptyState;
+    this.scroller = scroller;
+    this.items = new WeakMap(); // message -> list item
+    this.messages = new WeakMap(); // list item -> message, for the copy/regenerate buttons
+  }
+
+  /** Make the list show `messages`, touching only the items that changed (selections stay). */
+  render(messages) {
+    messages.forEach((message, index) => {
+      const item = this.itemFor(message);
+      const current = this.list.children[index];
+      if (current !== item) this.list.insertBefore(item, current ?? null);
+    });
+    while (this.list.children.length > messages.length) this.list.lastElementChild.remove();
+    this.emptyState.hidden = messages.length > 0;
+  }
+
+  itemFor(message) {
+    let item = this.items.get(message);
+    if (!item) {
+      item = message.role === "user" ? questionItem(message) : new AnswerView(message, this.scroller).item;
+      this.items.set(message, item);
+      this.messages.set(item, message);
+    }
+    return item;
+  }
+
+  /** The message a click inside the list belongs to. */
+  messageAt(element) {
+    const item = element.closest(".message");
+    return item ? this.messages.get(item) : undefined;
+  }
+
+  /** The answer's text as shown (no Markdown marks), for screen readers. */
+  shownText(answer) {
+    return this.items.get(answer)?.querySelector(".bubble-body")?.textContent ?? answer.text;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversation list
+
+export class ConversationListView {
+  constructor({ list, emptyNote }) {
+    this.list = list;
+    this.emptyNote = emptyNote;
+    this.conversations = [];
+    this.activeId = null;
+    this.renaming = false; // a title is being edited: list updates wait until it is done
+  }
+
+  render(conversations = this.conversations) {
+    this.conversations = conversations;
+    if (this.renaming) return;
+    const focused = document.activeElement?.closest?.(".conversation");
+    const focusedClass = focused && [...document.activeElement.classList].find((c) => c.startsWith("conversation-"));
+    this.list.replaceChildren(...conversations.map(conversationItem));
+    this.emptyNote.hidden = conversations.length > 0;
+    this.markActive(this.activeId);
+    if (focused && focusedClass) this.focus(focused.dataset.sessionId, `.${focusedClass}`);
+  }
+
+  markActive(sessionId) {
+    this.activeId = sessionId;
+    for (const item of this.list.children) {
+      const active = item.dataset.sessionId === sessionId;
+      item.classList.toggle("active", active);
+      const open = item.querySelector(".conversation-open");
+      if (active) open?.setAttribute("aria-current", "page");
+      else open?.removeAttribute("aria-current");
+    }
+  }
+
+  focus(sessionId, selector = ".conversation-open") {
+    this.list.querySelector(`[data-session-id="${sessionId}"]`)?.querySelector(selector)?.focus();
+  }
+
+  /** Edit a title in place; resolves with the new title, or null when the edit was cancelled. */
+  editTitle(item) {
+    const conversation = this.conversations.find((c) => c.session_id === item.dataset.sessionId);
+    if (!conversation) return Promise.resolve(null);
+    const form = document.createElement("form");
+    form.className = "rename-form";
+    const input = document.createElement("input");
+    input.type = "text";
+    input.maxLength = 200;
+    input.value = conversation.title;
+    input.setAttribute("aria-label", gettext("Conversation title"));
+    form.append(input);
+    item.replaceChildren(form);
+    this.renaming = true;
+    input.focus();
+    input.select();
+    return new Promise((resolve) => {
+      let done = false;
+      const finish = (save) => {
+        if (done) return;
+        done = true;
+        this.renaming = false;
+        resolve(save ? input.value.trim() : null);
+      };
+      form.addEventListener("submit", (event) => {
+        event.preventDefault();
+        finish(true);
+      });
+      input.addEventListener("keydown", (event) => {
+        if (event.key === "Escape") {
+          event.preventDefault();
+          event.stopPropagation();
+          finish(false);
+        }
+      });
+      input.addEventListener("blur", () => finish(true));
+    });
+  }
+}
+
+function conversationItem(conversation) {
+  const title = conversationTitle(conversation);
+  const item = document.createElement("li");
+  item.className = "conversation";
+  item.dataset.sessionId = conversation.session_id;
+  const open = document.createElement("button");
+  open.type = "button";
+  open.className = "conversation-open";
+  open.textContent = title;
+  open.title = title;
+  item.append(
+    open,
+    actionButton("conversation-rename", "✎", gettext("Rename"), interpolate(gettext("Rename “%s”"), [title])),
+    actionButton("conversation-delete", "🗑", gettext("Delete"), interpolate(gettext("Delete “%s”"), [title])),
+  );
+  return item;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The connection banner
+
+export function renderConnectionBanner(banner, { online, reconnecting }) {
+  let text = "";
+  if (!online) {
+    text = reconnecting
+      ? gettext("You are offline. The answer will continue when the connection is back.")
+      : gettext("You are offline.");
+  } else if (reconnecting) {
+    text = gettext("Connection lost. Reconnecting…");
+  }
+  banner.textContent = text;
+  banner.hidden = !text;
+  banner.dataset.state = online ? "reconnecting" : "offline";
+}
