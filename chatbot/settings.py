@@ -183,33 +183,12 @@ SESSION_COOKIE_AGE = 60 * 60 * 24 * 30
 SESSION_ENGINE = "chatbot_api.sessions"
 
 LOGIN_URL = "login"
-LOGIN_REDIRECT_URL = "chat"
-LOGOUT_REDIRECT_URL = "chat"
+LOGIN_REDIRECT_URL = "chatbot:chat"
+LOGOUT_REDIRECT_URL = "chatbot:chat"
 
-REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
-        "chatbot_api.authentication.CsrfSessionAuthentication",
-    ],
-    "DEFAULT_PERMISSION_CLASSES": ["chatbot_api.permissions.ChatAccess"],
-    "DEFAULT_PARSER_CLASSES": ["chatbot_api.parsers.SafeJSONParser"],
-    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "EXCEPTION_HANDLER": "chatbot_api.errors.api_exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
-}
-
-SPECTACULAR_SETTINGS = {
-    "TITLE": "Streaming Chatbot API",
-    "DESCRIPTION": (
-        "Chat with a language model. Answers stream as Server-Sent Events, NDJSON or "
-        "WebSocket frames; every transport carries the same event schema "
-        "(see docs/streaming.md)."
-    ),
-    "VERSION": "1.0.0",
-    "SERVE_INCLUDE_SCHEMA": False,
-    "ENUM_NAME_OVERRIDES": {"MessageStatusEnum": "chatbot_api.models.Message.Status"},
-}
+# The API sets its own DRF policy (authentication, permissions, parsers, errors) on its
+# views; DRF reads only the schema class from here, when the views' modules are imported.
+REST_FRAMEWORK = {"DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema"}
 
 REDIS_URL = os.environ.get("REDIS_URL", "")
 

@@ -5,8 +5,8 @@ from chatbot_api.metrics import metrics_view
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("api/", include("chatbot_api.urls")),
     path("metrics", metrics_view, name="metrics"),
+    path("", include("chatbot_web.auth_urls")),
     path("", include("chatbot_web.urls")),
 ]
 

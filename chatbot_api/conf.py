@@ -51,6 +51,8 @@ DEFAULTS: dict[str, object] = {
     "LOGIN_FAILURES_PER_ACCOUNT": 10,
     "LOGIN_FAILURES_PER_IP": 50,
     "LOGIN_LOCKOUT_SECONDS": 900,
+    # The page: the template its pages extend (blocks: title, head, body_class, body)
+    "BASE_TEMPLATE": "chatbot_web/base.html",
     # /metrics: open to these client IPs, or to `Authorization: Bearer <METRICS_TOKEN>`
     "METRICS_TOKEN": "",
     "METRICS_ALLOWED_IPS": ["127.0.0.1", "::1"],

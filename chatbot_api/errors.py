@@ -189,7 +189,14 @@ def api_exception_handler(exc, context):
 
 
 def _is_api(request) -> bool:
-    return request.path.startswith("/api/")
+    """Whether the path is under the chat API's prefix, wherever the site included it."""
+    from django.urls import NoReverseMatch, reverse
+
+    try:
+        api_root = reverse("chatbot:api:chat").removesuffix("chat/")
+    except NoReverseMatch:
+        return False
+    return request.path.startswith(api_root)
 
 
 def json_not_found(request, exception=None):

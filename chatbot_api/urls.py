@@ -1,5 +1,4 @@
 from django.urls import path
-from drf_spectacular.views import SpectacularAPIView
 
 from . import views
 
@@ -20,5 +19,5 @@ urlpatterns = [
     ),
     path("usage/", views.UsageView.as_view(), name="usage"),
     path("token/", views.TokenView.as_view(), name="token"),
-    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("schema/", views.SchemaView.as_view(), name="schema"),
 ]

@@ -5,19 +5,24 @@ from __future__ import annotations
 from adrf.views import APIView as AsyncAPIView
 from asgiref.sync import sync_to_async
 from django.http import HttpResponse
+from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from drf_spectacular.views import SpectacularAPIView
 from rest_framework import status
+from rest_framework.authentication import TokenAuthentication
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.exceptions import UnsupportedMediaType
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
-from . import login_throttle, selectors, services
-from .errors import ChatbotError, status_for_code
+from . import __version__, login_throttle, selectors, services
+from .authentication import CsrfSessionAuthentication
+from .errors import ChatbotError, api_exception_handler, status_for_code
 from .identity import owner_for
 from .models import Message
 from .parsers import SafeJSONParser
+from .permissions import ChatAccess
 from .serializers import (
     ChatRequestSerializer,
     ChatResponseSerializer,
@@ -39,7 +44,20 @@ EVENTS_DESCRIPTION = (
 )
 
 
-class ApiView(AsyncAPIView):
+class ApiPolicy:
+    """The API's own DRF policy, so a site's REST_FRAMEWORK settings never change it."""
+
+    authentication_classes = [TokenAuthentication, CsrfSessionAuthentication]
+    permission_classes = [ChatAccess]
+    parser_classes = [SafeJSONParser]
+    renderer_classes = [JSONRenderer]
+    schema = AutoSchema()
+
+    def get_exception_handler(self):
+        return api_exception_handler
+
+
+class ApiView(ApiPolicy, AsyncAPIView):
     """Base of the API views: errors are always JSON, whatever the client asked to receive."""
 
     def finalize_response(self, request, response, *args, **kwargs):
@@ -223,9 +241,10 @@ class MessageStopView(ApiView):
         )
 
 
-class TokenView(ObtainAuthToken):
+class TokenView(ApiPolicy, ObtainAuthToken):
     """`POST /api/token/` {username, password} -> {token}; throttled after repeated failures."""
 
+    permission_classes = ()  # signing in needs no permission, even where anonymous chat is off
     parser_classes = (FormParser, MultiPartParser, SafeJSONParser)
 
     def post(self, request, *args, **kwargs):
@@ -289,3 +308,19 @@ class ConversationDetailView(ApiView):
         """Delete a conversation and its messages (a running answer is stopped first)."""
         await services.conversation_delete(owner=await owner_for(request), conversation_id=session_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class SchemaView(SpectacularAPIView):
+    """`GET /api/schema/`: the chat API's OpenAPI document, whatever else the site serves."""
+
+    custom_settings = {
+        "TITLE": "Streaming Chatbot API",
+        "DESCRIPTION": (
+            "Chat with a language model. Answers stream as Server-Sent Events, NDJSON or "
+            "WebSocket frames; every transport carries the same event schema "
+            "(see docs/streaming.md)."
+        ),
+        "VERSION": __version__,
+        "ENUM_NAME_OVERRIDES": {"MessageStatusEnum": "chatbot_api.models.Message.Status"},
+        "PREPROCESSING_HOOKS": ["chatbot_api.schema.only_chatbot_endpoints"],
+    }

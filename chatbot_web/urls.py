@@ -1,13 +1,22 @@
-from django.contrib.auth import views as auth_views
-from django.urls import path
+"""Everything the chat needs, under whatever prefix a site includes it at:
+
+    path("assistant/", include("chatbot_web.urls"))
+
+gives the page at /assistant/, the API at /assistant/api/ and the WebSocket at
+/assistant/ws/chat/ (served by `chatbot_api.asgi.get_asgi_application`). Names are in the
+`chatbot` namespace (`chatbot:chat`, `chatbot:api:chat`, ...).
+"""
+
+from django.urls import include, path
 from django.views.i18n import JavaScriptCatalog
 
 from . import views
 
+app_name = "chatbot"
 urlpatterns = [
     path("", views.chat_page, name="chat"),
-    path("login/", views.ThrottledLoginView.as_view(), name="login"),
-    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("api/", include("chatbot_api.urls")),
+    path("ws/chat/", views.websocket_endpoint, name="websocket"),
     # The page's JavaScript texts, in the language LocaleMiddleware picked for the request.
     path("jsi18n/", JavaScriptCatalog.as_view(packages=["chatbot_web"]), name="javascript-catalog"),
 ]

@@ -1,14 +1,17 @@
 """The chat page. Everything else the page needs comes from the JSON API (`chatbot_api`)."""
 
 from django import forms
+from django.conf import settings
 from django.contrib.auth.forms import AuthenticationForm
 from django.contrib.auth.views import LoginView, redirect_to_login
-from django.shortcuts import render
-from django.urls import reverse
+from django.http import JsonResponse
+from django.shortcuts import render, resolve_url
+from django.urls import NoReverseMatch, reverse
 from django.views.decorators.csrf import ensure_csrf_cookie
 
 from chatbot_api import login_throttle
 from chatbot_api.conf import chatbot_setting
+from chatbot_api.errors import error_body
 from chatbot_api.serializers import ChatRequestSerializer
 
 # The page enforces the API's limit before sending, so it reads it from the API's own serializer.
@@ -22,16 +25,45 @@ def chat_page(request):
         return redirect_to_login(request.get_full_path())
     if not request.session.session_key:
         request.session.save()
-    api_root = reverse("api:conversation-list").removesuffix("conversations/")
+    api_root = reverse("chatbot:api:conversation-list").removesuffix("conversations/")
     return render(
         request,
         "chatbot_web/chat.html",
         {
-            "user": request.user,
+            **page_context(),
             "api_root": api_root,
             "max_message_length": MAX_MESSAGE_LENGTH,
         },
     )
+
+
+def page_context() -> dict:
+    """What every chatbot page's template needs: its layout and the site's sign-in/out URLs."""
+    return {
+        "base_template": chatbot_setting("BASE_TEMPLATE"),
+        "login_url": resolve_url(settings.LOGIN_URL),
+        "logout_url": _logout_url(),
+    }
+
+
+def _logout_url() -> str | None:
+    """The site's `logout` URL if it has one; else the page shows no sign-out button."""
+    try:
+        return reverse("logout")
+    except NoReverseMatch:
+        return None
+
+
+def websocket_endpoint(request):
+    """`ws/chat/` asked for over plain HTTP: the chat WebSocket lives here (chatbot_api.asgi)."""
+    return JsonResponse(
+        error_body("This URL is the chat's WebSocket: connect with a WebSocket client.", "upgrade_required"),
+        status=426,
+        headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+    )
+
+
+websocket_endpoint.chatbot_websocket = True  # how chatbot_api.asgi finds the path in the URLconf
 
 
 class ThrottledAuthenticationForm(AuthenticationForm):
@@ -46,4 +78,10 @@ class ThrottledAuthenticationForm(AuthenticationForm):
 
 
 class ThrottledLoginView(LoginView):
+    """The demo project's sign-in page (a site keeps its own)."""
+
     form_class = ThrottledAuthenticationForm
+    template_name = "chatbot_web/login.html"
+
+    def get_context_data(self, **kwargs):
+        return {**super().get_context_data(**kwargs), **page_context()}
