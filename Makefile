@@ -12,7 +12,7 @@ GRACEFUL_TIMEOUT = $(BIN)/python -c "from chatbot.settings import CHATBOT; print
 
 .PHONY: run test install install-dev lint format bench clean
 
-$(VENV)/.runtime: requirements.txt
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@echo "Installing runtime dependencies (llama-cpp-python compiles from source the first time: ~5 min)..."

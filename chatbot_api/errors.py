@@ -16,10 +16,16 @@ import logging
 from django.core.exceptions import RequestDataTooBig
 from django.db import OperationalError
 from django.http import JsonResponse
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
+
+try:  # the scale extra: without it nothing talks to Redis, so nothing raises its errors
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    REDIS_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
+except ImportError:
+    REDIS_ERRORS = ()
 
 logger = logging.getLogger("chatbot.errors")
 
@@ -96,7 +102,7 @@ class ShuttingDown(ChatbotError):
 
 # Errors that mean "try again later" (an empty connection pool after its timeout, a refused
 # connection), answered 503 `server_busy` instead of a 500 that reads as a bug.
-UNAVAILABLE_ERRORS = (OperationalError, RedisConnectionError, RedisTimeoutError)
+UNAVAILABLE_ERRORS = (OperationalError, *REDIS_ERRORS)
 
 
 def unavailable_error(exc: BaseException) -> ServerBusy | None:

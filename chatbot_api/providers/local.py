@@ -80,8 +80,18 @@ def resolve_model_path(configured: str) -> Path:
     return path
 
 
+EXTRA_HINT = 'pip install "django-streaming-chatbot[local]"'
+
+
 def check_local_model() -> list[str]:
     """Problems with the configured local model (empty when it can be found), for a system check."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return [
+            "The local model needs llama-cpp-python, which is not installed: install the local extra "
+            f"(`{EXTRA_HINT}`), or set CHATBOT PROVIDER to 'openai' for OpenAI or a compatible server."
+        ]
     try:
         resolve_model_path(chatbot_setting("LOCAL_MODEL_PATH"))
     except ImproperlyConfigured as exc:
