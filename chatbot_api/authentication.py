@@ -1,5 +1,5 @@
 from django.conf import settings
-from rest_framework.authentication import SessionAuthentication
+from rest_framework.authentication import SessionAuthentication, TokenAuthentication, get_authorization_header
 
 
 class CsrfSessionAuthentication(SessionAuthentication):
@@ -19,3 +19,20 @@ class CsrfSessionAuthentication(SessionAuthentication):
         if settings.SESSION_COOKIE_NAME in request._request.COOKIES:
             self.enforce_csrf(request)
         return None
+
+
+class BearerTokenAuthentication(TokenAuthentication):
+    """The same API tokens as OpenAI clients send keys: `Authorization: Bearer <token>`.
+
+    SDKs refuse to run without a key, so the key `anonymous` (or none at all) means no
+    key: the request is anonymous, allowed only where CHATBOT ALLOW_ANONYMOUS is on. Any
+    other unknown key is refused, never taken as anonymous.
+    """
+
+    keyword = "Bearer"
+    ANONYMOUS_KEYS = ([b"Bearer"], [b"Bearer", b"anonymous"])
+
+    def authenticate(self, request):
+        if get_authorization_header(request).split() in self.ANONYMOUS_KEYS:
+            return None
+        return super().authenticate(request)

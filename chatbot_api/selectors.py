@@ -16,12 +16,14 @@ from .identity import Owner
 from .limits import rate_limiter
 from .models import Conversation, Message, UsageRecord
 
+COMPLETION_ID_PREFIX = "chatcmpl-"  # the OpenAI API names an answer chatcmpl-<message id>
+
 
 def _uuid(value) -> UUID | None:
     if isinstance(value, UUID):
         return value
     try:
-        return UUID(str(value))
+        return UUID(str(value).removeprefix(COMPLETION_ID_PREFIX))
     except (TypeError, ValueError, AttributeError):
         return None
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from contextlib import aclosing
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
 from uuid import UUID
 
@@ -20,7 +21,7 @@ from django.utils import timezone
 
 from . import metrics
 from .conf import chatbot_setting
-from .errors import ChatbotError, ShuttingDown, unavailable_error
+from .errors import ChatbotError, NotFound, ShuttingDown, unavailable_error
 from .identity import Owner
 from .limits import give_back, take_slot
 from .models import Conversation, Message
@@ -119,6 +120,61 @@ async def answer_regenerate(
     )
 
 
+async def completion_start(
+    *,
+    owner: Owner,
+    messages: list[dict],
+    model: str,
+    streaming: bool,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    conversation_id=None,
+) -> Turn:
+    """An OpenAI-style request: `messages` as sent (role, text), the last one the user's question.
+
+    Without `conversation_id` the call becomes a new conversation whose history is the
+    messages sent (system messages go to the model, not to the history); with it, the
+    stored conversation continues and only the new question (and any system message) of
+    `messages` is used. Raises `NotFound` for a model this server cannot answer with.
+    """
+    provider = get_provider()
+    if model != provider.model_id and model not in await provider.list_models():
+        raise NotFound(
+            f"The model {model!r} does not exist here: GET /v1/models lists them.", code="model_not_found"
+        )
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    system_prompt = "\n\n".join(system) if system else None
+    question = messages[-1]["content"]
+    if conversation_id is not None:
+        conversation = await conversation_get(owner=owner, conversation_id=conversation_id)
+        prompt = await build_prompt(
+            provider=provider, conversation=conversation, text=question, system_prompt=system_prompt
+        )
+        create = partial(
+            _create_turn, owner=owner, conversation=conversation, text=question, provider=provider
+        )
+    else:
+        history = [m for m in messages[:-1] if m["role"] != "system"]
+        configured = chatbot_setting("SYSTEM_PROMPT")
+        prompt = (
+            messages if system or not configured else [{"role": "system", "content": configured}, *messages]
+        )
+        create = partial(_create_turn, owner=owner, conversation=None, text=question, provider=provider,
+                         history=history)  # fmt: skip
+    return await _start_answer(
+        owner=owner,
+        provider=provider,
+        prompt=prompt,
+        transport="openai",
+        create=create,
+        answer_id=None,
+        streaming=streaming,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        model=model,
+    )
+
+
 async def _start_answer(
     *,
     owner: Owner,
@@ -128,6 +184,9 @@ async def _start_answer(
     create,
     answer_id: UUID | None,
     streaming: bool,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    model: str | None = None,
 ) -> Turn:
     """Count the answer against the limits, save it with `create()`, start its generation.
 
@@ -140,8 +199,11 @@ async def _start_answer(
     if answer_id is not None and await Message.objects.filter(pk=answer_id).aexists():
         raise ANSWER_ID_TAKEN
     holds_slot = await take_slot(owner.rate_key, owner.user_id)
-    max_tokens, temperature = chatbot_setting("MAX_TOKENS"), chatbot_setting("TEMPERATURE")
-    stream = EarlyStream(provider.stream(prompt, max_tokens=max_tokens, temperature=temperature))
+    # A request may ask for fewer tokens than the operator's cap, never more.
+    max_tokens = min(max_tokens or chatbot_setting("MAX_TOKENS"), chatbot_setting("MAX_TOKENS"))
+    temperature = chatbot_setting("TEMPERATURE") if temperature is None else temperature
+    options = {"model": model} if model and model != provider.model_id else {}
+    stream = EarlyStream(provider.stream(prompt, max_tokens=max_tokens, temperature=temperature, **options))
     try:
         conversation, user_message, assistant_message = await sync_to_async(create)(
             client_key=owner.rate_key,
@@ -149,6 +211,7 @@ async def _start_answer(
             answer_id=answer_id,
             transport=transport,
             streaming=streaming,
+            model=model or provider.model_id,
         )
     except BaseException as error:  # nothing saved, nothing started: the slot goes back
         await asyncio.shield(stream.aclose())
@@ -195,10 +258,10 @@ def _fail_unstarted(answer: Message, error: BaseException) -> None:
 
 
 async def build_prompt(
-    *, provider: Provider, conversation: Conversation | None, text: str, before=None
+    *, provider: Provider, conversation: Conversation | None, text: str, before=None, system_prompt=None
 ) -> list[dict]:
     """System prompt, as much recent history (before `before`) as the budget allows, the new message."""
-    system_prompt = chatbot_setting("SYSTEM_PROMPT")
+    system_prompt = chatbot_setting("SYSTEM_PROMPT") if system_prompt is None else system_prompt
     count = provider.count_tokens
     budget = chatbot_setting("HISTORY_TOKENS") or (
         provider.context_window
@@ -226,14 +289,39 @@ async def build_prompt(
     return [*prompt, *history, {"role": "user", "content": text}]
 
 
-def _create_turn(*, owner: Owner, conversation: Conversation | None, text: str, provider: Provider, **charge):
+def _create_turn(
+    *,
+    owner: Owner,
+    conversation: Conversation | None,
+    text: str,
+    provider: Provider,
+    history: list[dict] = (),
+    **charge,
+):
+    """The question (after `history`'s earlier turns, for a new conversation) and a pending answer."""
     with transaction.atomic():
         if conversation is None:
-            conversation = Conversation.objects.create(title=_title(text), **owner.create_kwargs)
+            first = next((m["content"] for m in history if m["role"] == "user"), text)
+            conversation = Conversation.objects.create(title=_title(first), **owner.create_kwargs)
+        _save_history(conversation, history)
         user_message = Message.objects.create(
             conversation=conversation, role=Message.Role.USER, content=text, status=Status.COMPLETE
         )
         return conversation, user_message, _create_answer(conversation, provider, **charge)
+
+
+def _save_history(conversation: Conversation, history: list[dict]) -> None:
+    """Earlier turns sent with an OpenAI-style request, stored in order before its question."""
+    if not history:
+        return
+    saved = Message.objects.bulk_create(
+        Message(conversation=conversation, role=turn["role"], content=turn["content"], status=Status.COMPLETE)
+        for turn in history
+    )
+    # created_at orders a conversation; one bulk insert may give several rows the same instant.
+    start = timezone.now() - timedelta(milliseconds=len(saved))
+    for index, message in enumerate(saved):
+        Message.objects.filter(pk=message.pk).update(created_at=start + timedelta(milliseconds=index))
 
 
 def _replace_answer(*, old_answer: Message, question: Message, provider: Provider, **charge):
@@ -261,6 +349,7 @@ def _create_answer(
     answer_id: UUID | None,
     transport: str,
     streaming: bool,
+    model: str,
 ) -> Message:
     """A pending answer (inside the caller's transaction); touches the conversation's `updated_at`."""
     now = timezone.now()
@@ -271,7 +360,7 @@ def _create_answer(
         role=Message.Role.ASSISTANT,
         status=Status.PENDING,
         provider=provider.name,
-        model=provider.model_id,
+        model=model,
         worker=get_manager().worker_id,
         heartbeat_at=now,
         client_key=client_key,

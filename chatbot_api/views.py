@@ -17,7 +17,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 from . import __version__, login_throttle, selectors, services
-from .authentication import CsrfSessionAuthentication
+from .authentication import BearerTokenAuthentication, CsrfSessionAuthentication
 from .errors import ChatbotError, api_exception_handler, status_for_code
 from .identity import owner_for
 from .models import Message
@@ -47,7 +47,7 @@ EVENTS_DESCRIPTION = (
 class ApiPolicy:
     """The API's own DRF policy, so a site's REST_FRAMEWORK settings never change it."""
 
-    authentication_classes = [TokenAuthentication, CsrfSessionAuthentication]
+    authentication_classes = [TokenAuthentication, BearerTokenAuthentication, CsrfSessionAuthentication]
     permission_classes = [ChatAccess]
     parser_classes = [SafeJSONParser]
     renderer_classes = [JSONRenderer]
@@ -170,7 +170,7 @@ class MessageRegenerateView(ApiView):
         return await answer_response(turn, transport=transport, is_streaming=transport != "json")
 
 
-def _after_from(request) -> int:
+def after_from(request) -> int:
     raw = request.headers.get("Last-Event-ID") or request.query_params.get("after") or "0"
     try:
         after = int(raw)
@@ -211,7 +211,7 @@ class MessageEventsView(ApiView):
     )
     async def get(self, request, message_id):
         """Replay a message's events after an offset, then follow it live to its terminal event."""
-        after = _after_from(request)
+        after = after_from(request)
         message = await selectors.message_get(owner=await owner_for(request), message_id=message_id)
         if not await follow.events_after(message=message, after=after):
             return HttpResponse(status=status.HTTP_204_NO_CONTENT)

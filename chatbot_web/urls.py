@@ -2,7 +2,8 @@
 
     path("assistant/", include("chatbot_web.urls"))
 
-gives the page at /assistant/, the API at /assistant/api/ and the WebSocket at
+gives the page at /assistant/, the API at /assistant/api/, the OpenAI API at
+/assistant/v1/ and the WebSocket at
 /assistant/ws/chat/ (served by `chatbot_api.asgi.get_asgi_application`). Names are in the
 `chatbot` namespace (`chatbot:chat`, `chatbot:api:chat`, ...).
 """
@@ -16,6 +17,7 @@ app_name = "chatbot"
 urlpatterns = [
     path("", views.chat_page, name="chat"),
     path("api/", include("chatbot_api.urls")),
+    path("v1/", include("chatbot_api.openai_api.urls")),  # the OpenAI API, for any OpenAI client
     path("ws/chat/", views.websocket_endpoint, name="websocket"),
     # The page's JavaScript texts, in the language LocaleMiddleware picked for the request.
     path("jsi18n/", JavaScriptCatalog.as_view(packages=["chatbot_web"]), name="javascript-catalog"),

@@ -72,7 +72,9 @@ class Provider:
 
     Subclasses set `name` and override `from_settings()` and `stream()`; the
     capabilities are attributes: `model_id` (the model this instance serves, from
-    `CHATBOT["MODEL"]` or `default_model`), `context_window` (tokens), `count_tokens()`.
+    `CHATBOT["MODEL"]` or `default_model`), `context_window` (tokens), `count_tokens()`,
+    `list_models()` (the models a request may name; `stream(model=...)` gets one of them
+    only when a backend lists more than its `model_id`).
     Raise `chatbot_api.errors.ProviderError` (with a clear message and a `code`) for
     failures the user should see.
     """
@@ -92,6 +94,10 @@ class Provider:
     ) -> AsyncIterator[Chunk]:
         raise NotImplementedError(".stream() must be overridden")
         yield  # pragma: no cover  (makes this an async generator)
+
+    async def list_models(self) -> list[str]:
+        """The models this backend can answer with, `model_id` first."""
+        return [self.model_id]
 
     def count_tokens(self, text: str) -> int:
         """Token estimate used to fit the history into the model's window.

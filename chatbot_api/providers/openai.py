@@ -7,6 +7,7 @@ LM Studio. The `AsyncOpenAI` client is built on first use, never at import time.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from functools import cached_property
 
@@ -17,6 +18,8 @@ from django.conf import settings
 from ..conf import chatbot_setting
 from ..errors import ProviderError
 from .base import Chunk, Provider, bounded_finish_reason, usage_from_counts
+
+MODEL_LIST_TTL = 60.0  # seconds an upstream's model list is reused before asking again
 
 
 class OpenAIProvider(Provider):
@@ -32,6 +35,7 @@ class OpenAIProvider(Provider):
         self.model_id = model_id
         self.connect_timeout = connect_timeout
         self.max_retries = max_retries
+        self._models: tuple[float, list[str]] = (0.0, [])  # (when listed, the list)
 
     @classmethod
     def from_settings(cls) -> OpenAIProvider:
@@ -54,14 +58,27 @@ class OpenAIProvider(Provider):
             max_retries=self.max_retries,
         )
 
+    async def list_models(self) -> list[str]:
+        """The configured model, then the upstream's own list (Ollama's, vLLM's...), if it has one."""
+        listed_at, models = self._models
+        if models and time.monotonic() - listed_at < MODEL_LIST_TTL:
+            return models
+        try:
+            upstream = [model.id async for model in self.client.models.list()]
+        except (openai.APIError, httpx2.HTTPError, ValueError):
+            upstream = []  # a server without /models (or unreachable now) serves the configured one
+        models = [self.model_id, *(model for model in upstream if model != self.model_id)]
+        self._models = (time.monotonic(), models)
+        return models
+
     async def stream(
-        self, messages: list[dict], *, max_tokens: int, temperature: float
+        self, messages: list[dict], *, max_tokens: int, temperature: float, model: str | None = None
     ) -> AsyncIterator[Chunk]:
         # The SDK makes the request (auth, base URL, retries, HTTP errors); the stream's
         # `data:` frames are read as plain JSON: building the SDK's pydantic chunk objects
         # cost about five times more CPU per token than everything else in the relay.
         request = self.client.chat.completions.with_streaming_response.create(
-            model=self.model_id,
+            model=model or self.model_id,
             messages=messages,
             max_tokens=max_tokens,
             temperature=temperature,

@@ -38,7 +38,7 @@ def sse_encode(event: Event) -> bytes:
 # away ends the reader at once, not whenever the garbage collector gets to it.
 
 
-async def _release_database() -> None:
+async def release_database() -> None:
     """Close the request thread's database connection before a stream that may last minutes.
 
     Django keeps a request's thread, and the connection it opened, until the response ends;
@@ -51,14 +51,14 @@ async def _release_database() -> None:
 async def _sse(events: AsyncIterator) -> AsyncIterator[bytes]:
     yield SSE_PREAMBLE
     async with aclosing(events):
-        await _release_database()
+        await release_database()
         async for item in events:
             yield SSE_KEEPALIVE if item is KEEPALIVE else sse_encode(item)
 
 
 async def _ndjson(events: AsyncIterator) -> AsyncIterator[bytes]:
     async with aclosing(events):
-        await _release_database()
+        await release_database()
         async for item in events:
             yield NDJSON_KEEPALIVE if item is KEEPALIVE else (item.json + "\n").encode()
 
@@ -68,6 +68,11 @@ def _streaming_response(body: AsyncIterator[bytes], content_type: str) -> Stream
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass each chunk through at once
     return response
+
+
+def event_stream_response(body: AsyncIterator[bytes]) -> StreamingHttpResponse:
+    """An SSE response for a framing of its own (the OpenAI API's chunks)."""
+    return _streaming_response(body, SSE_CONTENT_TYPE)
 
 
 def sse_response(events: AsyncIterator) -> StreamingHttpResponse:
@@ -82,7 +87,7 @@ async def collect(events: AsyncIterator) -> Answer:
     """Read the stream to its terminal event and assemble the answer (the JSON transport)."""
     answer = Answer()
     async with aclosing(events):
-        await _release_database()
+        await release_database()
         async for event in events:
             answer.add(event)
     return answer

@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import { ApiError, ConnectionLost } from "chatbot/api";
-import { Answer, Chat, Question } from "chatbot/conversation";
+import { Answer, Chat, Question, wasStreamed } from "chatbot/conversation";
 
 const meta = (id = "m1", session = "s1") => ({ type: "meta", seq: 1, message_id: id, session_id: session, model: "fake" });
 const delta = (seq, text) => ({ type: "delta", seq, text });
@@ -309,4 +309,12 @@ test("deleting the open conversation starts a new one; a 404 counts as deleted",
   await chat.remove("s1");
   assert.equal(chat.sessionId, null);
   assert.deepEqual(chat.conversations.map((c) => c.session_id), ["s2"]);
+});
+
+test("an answer shows as streamed when it was asked for as a stream, whatever the API", () => {
+  assert.equal(wasStreamed({ transport: "sse", streaming: false }), true);
+  assert.equal(wasStreamed({ transport: "json", streaming: true }), true); // the seed's flag
+  assert.equal(wasStreamed({ transport: "openai", streaming: false }), false);
+  assert.equal(wasStreamed({ transport: "openai", streaming: true }), true);
+  assert.equal(wasStreamed({ transport: "", streaming: false }), false);
 });

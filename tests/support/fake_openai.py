@@ -51,6 +51,7 @@ Receive = Callable[[], Awaitable[ASGIMessage]]
 Send = Callable[[ASGIMessage], Awaitable[None]]
 
 COMPLETION_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+MODEL_LIST_PATHS = frozenset({"/v1/models", "/models"})
 DONE_FRAME = b"data: [DONE]\n\n"
 MALFORMED_FRAME = b"data: {not json\n\n"
 SSE_CONTENT_TYPE = b"text/event-stream"
@@ -119,6 +120,21 @@ def _install_drop_log_filter() -> None:
     logger = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, _QuietDropFilter) for f in logger.filters):
         logger.addFilter(_QuietDropFilter())
+
+
+async def _read_json_body(receive: Receive, send: Send) -> dict[str, Any] | None:
+    """The request's JSON object; None when the client left or was answered 400."""
+    raw = await _drain_body(receive)
+    if raw is None:  # client left while sending the request
+        return None
+    try:
+        body = json.loads(raw) if raw else {}
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+    except ValueError as exc:
+        await _send_json(send, 400, error_payload(f"Invalid JSON body: {exc}", "invalid_request_error"))
+        return None
+    return body
 
 
 @dataclass(frozen=True)
@@ -245,6 +261,7 @@ class FakeOpenAI:
     def __init__(self, default: Script | None = None, *, keep_history: bool = True) -> None:
         self.default: Script = default if default is not None else Script()
         self.keep_history = keep_history  # off for long benchmarks so memory stays flat
+        self.models: list[str] = []  # GET /v1/models lists these; empty: 404, as servers without it do
         self.history: list[RecordedRequest] = []
         self.request_count = 0
         self._queue: deque[Script] = deque()
@@ -272,7 +289,8 @@ class FakeOpenAI:
         return len(self._queue)
 
     def reset(self) -> None:
-        """Forget queued scripts and history (keeps ``default``)."""
+        """Forget queued scripts, history and listed models (keeps ``default``)."""
+        self.models = []
         self._queue.clear()
         with self._cond:
             self.history.clear()
@@ -371,23 +389,18 @@ class FakeOpenAI:
         self._loop = asyncio.get_running_loop()
 
         path = scope["path"].rstrip("/") or "/"
+        if scope["method"] == "GET" and path in MODEL_LIST_PATHS and self.models:
+            await self._list_models(receive, send)
+            return
         if scope["method"] != "POST" or path not in COMPLETION_PATHS:
             await _drain_body(receive)
             message = f"Invalid URL ({scope['method']} {scope['path']})"
             await _send_json(send, 404, error_payload(message, "invalid_request_error"))
             return
 
-        raw = await _drain_body(receive)
-        if raw is None:  # client left while sending the request
+        body = await _read_json_body(receive, send)
+        if body is None:
             return
-        try:
-            body = json.loads(raw) if raw else {}
-            if not isinstance(body, dict):
-                raise ValueError("body must be a JSON object")
-        except ValueError as exc:
-            await _send_json(send, 400, error_payload(f"Invalid JSON body: {exc}", "invalid_request_error"))
-            return
-
         record = self._record(scope, path, body)
         producer = asyncio.ensure_future(self._respond(record, send))
         watcher = asyncio.ensure_future(_watch_disconnect(receive, record))
@@ -408,6 +421,11 @@ class FakeOpenAI:
             if record.closed_at is None:
                 record.closed_at = time.monotonic()
             self._notify()
+
+    async def _list_models(self, receive: Receive, send: Send) -> None:
+        await _drain_body(receive)
+        listed = [{"id": model, "object": "model", "created": 0, "owned_by": "fake"} for model in self.models]
+        await _send_json(send, 200, {"object": "list", "data": listed})
 
     def _record(self, scope: Scope, path: str, body: dict[str, Any]) -> RecordedRequest:
         headers: dict[str, str] = {}

@@ -31,9 +31,11 @@ class Emitter {
   }
 }
 
-/** Whether an answer was asked for as a stream (any streaming transport, or the seed's flag). */
+const STREAMING_TRANSPORTS = new Set(["sse", "ndjson", "ws"]);
+
+/** Whether an answer was asked for as a stream (a streaming transport, or the flag: the seed's, OpenAI's). */
 export function wasStreamed(message) {
-  return Boolean(message.streaming) || (Boolean(message.transport) && message.transport !== "json");
+  return Boolean(message.streaming) || STREAMING_TRANSPORTS.has(message.transport);
 }
 
 /** A question in the open conversation, as typed. */
