@@ -313,6 +313,7 @@ test("deleting the open conversation starts a new one; a 404 counts as deleted",
 
 test("an answer shows as streamed when it was asked for as a stream, whatever the API", () => {
   assert.equal(wasStreamed({ transport: "sse", streaming: false }), true);
+  assert.equal(wasStreamed({ transport: "websocket", streaming: false }), true);
   assert.equal(wasStreamed({ transport: "json", streaming: true }), true); // the seed's flag
   assert.equal(wasStreamed({ transport: "openai", streaming: false }), false);
   assert.equal(wasStreamed({ transport: "openai", streaming: true }), true);

@@ -31,7 +31,7 @@ class Emitter {
   }
 }
 
-const STREAMING_TRANSPORTS = new Set(["sse", "ndjson", "ws"]);
+const STREAMING_TRANSPORTS = new Set(["sse", "ndjson", "websocket"]);
 
 /** Whether an answer was asked for as a stream (a streaming transport, or the flag: the seed's, OpenAI's). */
 export function wasStreamed(message) {
