@@ -237,7 +237,9 @@ def test_a_token_client_streams_an_answer_over_sse_under_the_prefix(site):
         conversations = client.get(f"{PREFIX}api/conversations/", headers=auth)
         assert [c["session_id"] for c in conversations.json()] == [events[0]["session_id"]]
         schema = client.get(f"{PREFIX}api/schema/", headers={"Accept": "application/json"}).json()
-        assert schema["paths"] and all(path.startswith(f"{PREFIX}api/") for path in schema["paths"])
+        assert schema["paths"] and all(
+            path.startswith((f"{PREFIX}api/", f"{PREFIX}v1/")) for path in schema["paths"]
+        )
 
 
 def test_the_page_session_streams_over_the_websocket_under_the_prefix(site):
@@ -312,3 +314,9 @@ def test_the_site_user_model_owns_the_conversations(site):
     assert "['User']" in output
     label = "from django.contrib.auth import get_user_model; print(get_user_model()._meta.app_label)"
     assert "accounts" in run(*site["manage"], "shell", "-c", label, cwd=site["project"], env=site["env"])
+
+
+def test_the_installed_terminal_client_lists_the_conversations(site):
+    chat = Path(site["manage"][0]).parent / "chatbot-chat"
+    output = run(chat, "--url", site["origin"] + PREFIX, "--token", site["token"], "--list", env=site["env"])
+    assert "Hi" in output  # the conversation the SSE test started, under the prefix

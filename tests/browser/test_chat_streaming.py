@@ -11,7 +11,6 @@ import pytest
 from playwright.sync_api import expect
 
 from chatbot_api.models import Message
-from tests.browser.netproxy import CuttableProxy
 from tests.browser.pages import (
     answer_text,
     last_answer,
@@ -23,6 +22,7 @@ from tests.browser.pages import (
     wait_ready,
 )
 from tests.support.fake_openai import Script
+from tests.support.netproxy import CuttableProxy
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
