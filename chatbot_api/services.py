@@ -128,6 +128,7 @@ async def completion_start(
     streaming: bool,
     max_tokens: int | None = None,
     temperature: float | None = None,
+    stop: list[str] | None = None,
     conversation_id=None,
 ) -> Turn:
     """An OpenAI-style request: `messages` as sent (role, text), the last one the user's question.
@@ -138,6 +139,10 @@ async def completion_start(
     `messages` is used. Raises `NotFound` for a model this server cannot answer with.
     """
     provider = get_provider()
+    if stop and not provider.supports_stop:
+        raise ChatbotError(
+            f"The {provider.name} provider does not support stop sequences.", code="unsupported"
+        )
     if model != provider.model_id and model not in await provider.list_models():
         raise NotFound(
             f"The model {model!r} does not exist here: GET /v1/models lists them.", code="model_not_found"
@@ -172,6 +177,7 @@ async def completion_start(
         max_tokens=max_tokens,
         temperature=temperature,
         model=model,
+        stop=stop,
     )
 
 
@@ -187,6 +193,7 @@ async def _start_answer(
     max_tokens: int | None = None,
     temperature: float | None = None,
     model: str | None = None,
+    stop: list[str] | None = None,
 ) -> Turn:
     """Count the answer against the limits, save it with `create()`, start its generation.
 
@@ -203,6 +210,8 @@ async def _start_answer(
     max_tokens = min(max_tokens or chatbot_setting("MAX_TOKENS"), chatbot_setting("MAX_TOKENS"))
     temperature = chatbot_setting("TEMPERATURE") if temperature is None else temperature
     options = {"model": model} if model and model != provider.model_id else {}
+    if stop:
+        options["stop"] = stop
     stream = EarlyStream(provider.stream(prompt, max_tokens=max_tokens, temperature=temperature, **options))
     try:
         conversation, user_message, assistant_message = await sync_to_async(create)(

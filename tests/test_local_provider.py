@@ -82,6 +82,19 @@ async def test_bundled_model_answers_with_its_own_token_counts(provider):
 
 
 @pytest.mark.asyncio
+async def test_a_stop_sequence_ends_the_answer_before_it(provider):
+    counted, _ = await answer(provider, COUNT, max_tokens=24)
+    assert "," in counted  # the model separates the numbers with commas
+
+    stream = provider.stream(COUNT, max_tokens=24, temperature=0.0, stop=[","])
+    chunks = [chunk async for chunk in stream]
+
+    text = "".join(chunk.text for chunk in chunks)
+    assert text and "," not in text and counted.startswith(text)
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].usage.completion_tokens < 24
+
+
+@pytest.mark.asyncio
 async def test_weights_are_loaded_without_repacking_unless_asked(provider):
     """Repacked (AMX) weights crash on VMs that advertise AMX without enabling it, as CI's does."""
     import llama_cpp.llama_cpp as low_level

@@ -168,6 +168,22 @@ def test_a_model_failure_mid_stream_is_raised_as_api_error(client, upstream):
     assert answer.status == "failed" and answer.content.startswith("Half")
 
 
+def test_stop_sequences_and_limits_reach_the_model(client, upstream, chatbot_settings):
+    chatbot_settings(MAX_TOKENS=50)
+    upstream.enqueue(Script(chunks=["One."]), Script(chunks=["Two."]))
+    client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], stop="\n\n", max_tokens=20, temperature=0.2
+    )
+    sent = upstream.history[-1].body
+    assert (sent["stop"], sent["max_tokens"], sent["temperature"]) == (["\n\n"], 20, 0.2)
+
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5000)
+    assert upstream.history[-1].body["max_tokens"] == 50  # the operator's cap wins
+    assert "stop" not in upstream.history[-1].body
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], stop=[""])
+
+
 def test_models_list_has_the_configured_model_then_the_upstreams(client, upstream):
     upstream.models = ["llama3.2:1b", MODEL, "qwen2.5:0.5b"]
     assert [model.id for model in client.models.list()] == [MODEL, "llama3.2:1b", "qwen2.5:0.5b"]

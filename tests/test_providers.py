@@ -105,3 +105,24 @@ def test_the_project_sets_only_what_the_environment_changes():
     assert chatbot_setting("MAX_TOKENS") == settings.CHATBOT.get("MAX_TOKENS", 150)
     with pytest.raises(KeyError, match="not a chatbot setting"):
         chatbot_setting("MAX_TOKEN")
+
+
+def test_stop_scanner_cuts_at_the_first_stop_sequence_even_across_chunks():
+    from chatbot_api.providers.base import StopScanner
+
+    scanner = StopScanner(["END", "\n\n"])
+    shown = [scanner.feed(piece) for piece in ["Hello E", "N", "D more"]]
+    assert shown == [("Hello ", False), ("", False), ("", True)]  # "E", "EN" held back, never shown
+
+    scanner = StopScanner(["END"])
+    assert scanner.feed("a BE") == ("a B", False)
+    assert scanner.feed("ND") == ("", True)
+
+    scanner = StopScanner(["STOP", "ST"])
+    assert scanner.feed("fir") == ("fir", False)
+    assert scanner.feed("st: S") == ("st: ", False)  # "S" may start either sequence
+    assert scanner.feed("Tx") == ("", True)  # "ST" comes first
+
+    scanner = StopScanner(["END"])
+    assert scanner.feed("the E") == ("the ", False)
+    assert scanner.flush() == "E"  # the stream ended: what was held back is text after all

@@ -92,6 +92,7 @@ class ChatCompletionsView(OpenAIView):
             streaming=data["stream"],
             max_tokens=data["token_limit"],
             temperature=data.get("temperature"),
+            stop=data.get("stop"),
             conversation_id=request.headers.get("X-Conversation-Id") or data.get("conversation_id"),
         )
         message = turn.assistant_message

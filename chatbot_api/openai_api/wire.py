@@ -34,9 +34,9 @@ UNSUPPORTED = {
     "logprobs": "logprobs",
     "top_logprobs": "logprobs",
     "audio": "audio output",
-    "stop": "stop sequences",
 }
 ROLES = {"system", "developer", "user", "assistant"}
+MAX_STOP_SEQUENCES = 4
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -96,6 +96,18 @@ class ChatMessageField(serializers.Field):
         }
 
 
+class StopField(serializers.Field):
+    """`stop`: one string or up to four, as OpenAI takes them; always a list inside."""
+
+    def to_internal_value(self, data):
+        stops = [data] if isinstance(data, str) else data
+        if not isinstance(stops, list) or not all(isinstance(stop, str) and stop for stop in stops):
+            raise serializers.ValidationError("stop must be a non-empty string or a list of them")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise serializers.ValidationError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        return stops
+
+
 class StreamOptionsSerializer(serializers.Serializer):
     include_usage = serializers.BooleanField(required=False, default=False)
 
@@ -111,6 +123,7 @@ class ChatCompletionRequestSerializer(serializers.Serializer):
     max_completion_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     temperature = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=2)
     n = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    stop = StopField(required=False, allow_null=True)
     conversation_id = serializers.UUIDField(required=False, allow_null=True)
 
     def to_internal_value(self, data):

@@ -83,6 +83,9 @@ class Provider:
     default_model: str = ""
     model_id: str = ""
     context_window: int = 8192
+    # Whether stream() takes `stop=[...]` (sequences that end the answer, not included in it);
+    # requests asking for them are refused with 400 by backends that do not.
+    supports_stop: bool = False
 
     @classmethod
     def from_settings(cls) -> Provider:
@@ -109,3 +112,39 @@ class Provider:
 
     async def aclose(self) -> None:
         """Release clients and models; called on shutdown and when settings change."""
+
+
+class StopScanner:
+    """Cuts streamed text at the first stop sequence, holding back what may begin one.
+
+    `feed(text)` returns the text that is safe to show and whether a stop sequence was
+    reached (the sequence itself is never shown); `flush()` returns what was held back
+    once the stream ends without one.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [stop for stop in stops if stop]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        self.pending += text
+        found = [index for stop in self.stops if (index := self.pending.find(stop)) >= 0]
+        if found:
+            safe, self.pending = self.pending[: min(found)], ""
+            return safe, True
+        held = max(
+            (
+                size
+                for stop in self.stops
+                for size in range(len(stop) - 1, 0, -1)
+                if self.pending.endswith(stop[:size])
+            ),
+            default=0,
+        )
+        cut = len(self.pending) - held
+        safe, self.pending = self.pending[:cut], self.pending[cut:]
+        return safe, False
+
+    def flush(self) -> str:
+        rest, self.pending = self.pending, ""
+        return rest

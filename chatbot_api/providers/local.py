@@ -31,7 +31,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from ..conf import chatbot_setting
 from ..errors import ProviderError
-from .base import Chunk, Provider, Usage
+from .base import Chunk, Provider, StopScanner, Usage
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -118,6 +118,7 @@ def _llama_cpp() -> ModuleType:
 class LocalProvider(Provider):
     name = "local"
     default_model = DEFAULT_MODEL_ID
+    supports_stop = True
 
     def __init__(
         self, *, model_path: Path, model_id: str, n_ctx: int, n_threads: int, repack_weights: bool = False
@@ -147,12 +148,12 @@ class LocalProvider(Provider):
         )
 
     async def stream(
-        self, messages: list[dict], *, max_tokens: int, temperature: float
+        self, messages: list[dict], *, max_tokens: int, temperature: float, stop: list[str] | None = None
     ) -> AsyncIterator[Chunk]:
         if self._worker is None:
             self._worker = _Worker(self)
         worker = self._worker
-        job = _Job(messages, max_tokens, temperature, asyncio.get_running_loop())
+        job = _Job(messages, max_tokens, temperature, asyncio.get_running_loop(), stops=list(stop or ()))
         future = worker.submit(job)
         try:
             while True:
@@ -216,6 +217,7 @@ class _Job:
     max_tokens: int
     temperature: float
     loop: asyncio.AbstractEventLoop
+    stops: list[str] = field(default_factory=list)  # stop sequences, cut by StopScanner
     queue: asyncio.Queue[Chunk | ProviderError] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -291,7 +293,8 @@ class _Worker:
         limit = min(job.max_tokens, room)
         is_eog = _llama_cpp().llama_vocab_is_eog
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # tokens may split characters
-        completion, finish_reason = 0, "length"
+        scanner = StopScanner(job.stops)
+        completion, finish_reason, stopped = 0, "length", False
         for token in llm.generate(prompt, temp=job.temperature):
             self.provider.tokens_generated += 1
             if job.cancelled.is_set():
@@ -300,11 +303,15 @@ class _Worker:
                 finish_reason = "stop"
                 break
             completion += 1
-            if text := decoder.decode(llm.detokenize([token])):
+            text, stopped = scanner.feed(decoder.decode(llm.detokenize([token])))
+            if text:
                 job.emit(Chunk(text=text))
+            if stopped:
+                finish_reason = "stop"
+                break
             if completion >= limit:
                 break
-        if tail := decoder.decode(b"", final=True):
+        if not stopped and (tail := scanner.feed(decoder.decode(b"", final=True))[0] + scanner.flush()):
             job.emit(Chunk(text=tail))
         job.emit(Chunk(finish_reason=finish_reason, usage=Usage(len(prompt), completion)))
 

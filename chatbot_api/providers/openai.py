@@ -26,6 +26,7 @@ class OpenAIProvider(Provider):
     name = "openai"
     default_model = "gpt-4.1-nano"
     context_window = 128_000
+    supports_stop = True  # the upstream applies them
 
     def __init__(
         self, *, api_key: str, base_url: str | None, model_id: str, connect_timeout: float, max_retries: int
@@ -72,7 +73,13 @@ class OpenAIProvider(Provider):
         return models
 
     async def stream(
-        self, messages: list[dict], *, max_tokens: int, temperature: float, model: str | None = None
+        self,
+        messages: list[dict],
+        *,
+        max_tokens: int,
+        temperature: float,
+        model: str | None = None,
+        stop: list[str] | None = None,
     ) -> AsyncIterator[Chunk]:
         # The SDK makes the request (auth, base URL, retries, HTTP errors); the stream's
         # `data:` frames are read as plain JSON: building the SDK's pydantic chunk objects
@@ -84,6 +91,7 @@ class OpenAIProvider(Provider):
             temperature=temperature,
             stream=True,
             stream_options={"include_usage": True},
+            **({"stop": stop} if stop else {}),
         )
         try:
             # Leaving this block closes the response: on stop or timeout the model server
