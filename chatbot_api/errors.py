@@ -15,7 +15,7 @@ import logging
 
 from django.core.exceptions import RequestDataTooBig
 from django.db import OperationalError
-from django.http import JsonResponse
+from django.http import Http404, JsonResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
@@ -165,6 +165,8 @@ def api_exception_handler(exc, context):
     if busy := unavailable_error(exc):
         logger.warning("answered 503: %s: %s", exc.__class__.__name__, exc)
         exc = busy
+    if isinstance(exc, Http404):  # Django's own, e.g. from get_object_or_404: as DRF treats it
+        exc = drf_exceptions.NotFound()
     if isinstance(exc, RequestDataTooBig):
         return Response(error_body("The request body is too large.", "payload_too_large"), status=413)
     if isinstance(exc, ChatbotError):
@@ -194,28 +196,46 @@ def api_exception_handler(exc, context):
     return None  # unexpected: Django's 500 handler below turns it into the same shape
 
 
-def _is_api(request) -> bool:
-    """Whether the path is under the chat API's prefix, wherever the site included it."""
+def _api_of(request) -> str | None:
+    """ "api" or "openai" when the path is under that API's prefix (wherever the site put it)."""
     from django.urls import NoReverseMatch, reverse
 
-    try:
-        api_root = reverse("chatbot:api:chat").removesuffix("chat/")
-    except NoReverseMatch:
-        return False
-    return request.path.startswith(api_root)
+    for api, url_name, suffix in (
+        ("api", "chatbot:api:chat", "chat/"),
+        ("openai", "chatbot:openai:models", "models"),
+    ):
+        try:
+            root = reverse(url_name).removesuffix(suffix)
+        except NoReverseMatch:
+            continue
+        if request.path.startswith(root):
+            return api
+    return None
+
+
+def _error_response(request, message: str, code: str, status: int):
+    api = _api_of(request)
+    if api == "openai":
+        from .openai_api.wire import error_object
+
+        return JsonResponse(error_object(message, code, status), status=status)
+    if api == "api":
+        return JsonResponse(error_body(message, code), status=status)
+    return None
 
 
 def json_not_found(request, exception=None):
-    if _is_api(request):
-        return JsonResponse(error_body("Not found.", "not_found"), status=404)
+    """handler404: JSON in the APIs' own shapes under their prefixes, Django's page elsewhere."""
+    if response := _error_response(request, "Not found.", "not_found", 404):
+        return response
     from django.views.defaults import page_not_found
 
     return page_not_found(request, exception)
 
 
 def json_server_error(request):
-    if _is_api(request):
-        return JsonResponse(error_body("Internal server error.", "server_error"), status=500)
+    if response := _error_response(request, "Internal server error.", "server_error", 500):
+        return response
     from django.views.defaults import server_error
 
     return server_error(request)

@@ -1,6 +1,8 @@
 """Request and response shapes. The seed's fields stay; new ones are additive."""
 
+from django.core.validators import RegexValidator
 from rest_framework import serializers
+from rest_framework.authtoken.serializers import AuthTokenSerializer
 
 from .models import Conversation, Message
 
@@ -27,8 +29,12 @@ class StrictBooleanField(serializers.BooleanField):
         return data
 
 
+# Text that is not only whitespace (DRF trims it, then refuses the empty rest); also in the schema.
+NOT_BLANK = RegexValidator(r"\S", message="This field may not be blank.")
+
+
 class ChatRequestSerializer(serializers.Serializer):
-    message = StrictCharField(max_length=1000)
+    message = StrictCharField(min_length=1, max_length=1000, validators=[NOT_BLANK])
     session_id = StrictCharField(max_length=100, required=False, allow_blank=True, allow_null=True)
     streaming = StrictBooleanField(required=False, default=False)
     answer_id = serializers.UUIDField(
@@ -109,7 +115,7 @@ class ConversationDetailSerializer(ConversationSerializer):
 
 
 class ConversationUpdateSerializer(serializers.Serializer):
-    title = StrictCharField(max_length=200)
+    title = StrictCharField(min_length=1, max_length=200, validators=[NOT_BLANK])
 
 
 class StopResponseSerializer(serializers.Serializer):
@@ -186,3 +192,12 @@ class StreamEventSerializer(serializers.Serializer):
     code = serializers.CharField(required=False, help_text="error")
     message = serializers.CharField(required=False, help_text="error")
     retryable = serializers.BooleanField(required=False, help_text="error")
+
+
+class TokenRequestSerializer(AuthTokenSerializer):
+    """`POST /api/token/`: DRF's, with the lengths in the schema (wrong credentials stay a 400)."""
+
+    username = serializers.CharField(min_length=1, max_length=150, write_only=True)
+    password = serializers.CharField(
+        min_length=1, max_length=4096, trim_whitespace=False, style={"input_type": "password"}
+    )

@@ -12,9 +12,11 @@ from rest_framework import status
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.authtoken.views import ObtainAuthToken
 from rest_framework.exceptions import UnsupportedMediaType
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 
 from . import __version__, login_throttle, selectors, services
 from .authentication import BearerTokenAuthentication, CsrfSessionAuthentication
@@ -33,6 +35,7 @@ from .serializers import (
     RegenerateRequestSerializer,
     StopResponseSerializer,
     StreamEventSerializer,
+    TokenRequestSerializer,
     UsageReportSerializer,
 )
 from .streaming import follow, transports
@@ -44,8 +47,24 @@ EVENTS_DESCRIPTION = (
 )
 
 
+class _WithoutFormatOverride:
+    """DRF's settings, minus `?format=`: the API picks renderers by the Accept header alone."""
+
+    URL_FORMAT_OVERRIDE = None
+
+    def __getattr__(self, name):
+        return getattr(api_settings, name)
+
+
+class AcceptOnlyNegotiation(DefaultContentNegotiation):
+    settings = _WithoutFormatOverride()
+
+
 class ApiPolicy:
     """The API's own DRF policy, so a site's REST_FRAMEWORK settings never change it."""
+
+    content_negotiation_class = AcceptOnlyNegotiation
+    metadata_class = None  # no OPTIONS metadata: 405, as for any method an endpoint lacks
 
     authentication_classes = [TokenAuthentication, BearerTokenAuthentication, CsrfSessionAuthentication]
     permission_classes = [ChatAccess]
@@ -189,10 +208,12 @@ class MessageEventsView(ApiView):
 
     @extend_schema(
         parameters=[
-            OpenApiParameter("after", int, description="Resume after this sequence number (default 0)."),
+            OpenApiParameter(
+                "after", {"type": "integer", "minimum": 0}, description="Resume after this seq (default 0)."
+            ),
             OpenApiParameter(
                 "Last-Event-ID",
-                str,
+                {"type": "integer", "minimum": 0},
                 OpenApiParameter.HEADER,
                 description="Sent by EventSource on reconnect; wins over `after`.",
             ),
@@ -246,6 +267,7 @@ class TokenView(ApiPolicy, ObtainAuthToken):
 
     permission_classes = ()  # signing in needs no permission, even where anonymous chat is off
     parser_classes = (FormParser, MultiPartParser, SafeJSONParser)
+    serializer_class = TokenRequestSerializer
 
     def post(self, request, *args, **kwargs):
         username = request.data.get("username") if isinstance(request.data, dict) else None
@@ -323,4 +345,9 @@ class SchemaView(SpectacularAPIView):
         "VERSION": __version__,
         "ENUM_NAME_OVERRIDES": {"MessageStatusEnum": "chatbot_api.models.Message.Status"},
         "PREPROCESSING_HOOKS": ["chatbot_api.schema.only_chatbot_endpoints"],
+        "POSTPROCESSING_HOOKS": [
+            "drf_spectacular.hooks.postprocess_schema_enums",
+            "chatbot_api.schema.document_errors",
+        ],
+        "COMPONENT_SPLIT_PATCH": False,  # PATCH takes the same fields, required as they are
     }

@@ -125,7 +125,7 @@ class CompletionDetailView(OpenAIView):
         parameters=[
             OpenApiParameter(
                 "Last-Event-ID",
-                int,
+                {"type": "integer", "minimum": 0},
                 OpenApiParameter.HEADER,
                 description="With `Accept: text/event-stream`: the frames after this seq, then live.",
             )

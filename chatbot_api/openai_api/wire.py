@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from ..models import Message
@@ -81,11 +82,30 @@ def _text_content(content) -> str:
     raise serializers.ValidationError("content must be a string or a list of text parts")
 
 
+TEXT_PART = {
+    "type": "object",
+    "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+    "required": ["type", "text"],
+}
+
+
+@extend_schema_field(
+    {
+        "type": "object",
+        "properties": {
+            "role": {"type": "string", "enum": sorted(ROLES)},
+            "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": TEXT_PART}]},
+        },
+        "required": ["role", "content"],
+    }
+)
 class ChatMessageField(serializers.Field):
     def to_internal_value(self, data):
         if not isinstance(data, dict):
             raise serializers.ValidationError("each message is an object with role and content")
         role = data.get("role")
+        if not isinstance(role, str):
+            raise serializers.ValidationError("role must be a string")
         if role in {"tool", "function"}:
             raise serializers.ValidationError("tool and function messages are not supported")
         if role not in ROLES:
@@ -96,6 +116,15 @@ class ChatMessageField(serializers.Field):
         }
 
 
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+        ],
+        "nullable": True,
+    }
+)
 class StopField(serializers.Field):
     """`stop`: one string or up to four, as OpenAI takes them; always a list inside."""
 
@@ -115,14 +144,14 @@ class StreamOptionsSerializer(serializers.Serializer):
 class ChatCompletionRequestSerializer(serializers.Serializer):
     """`POST /v1/chat/completions`. Unknown fields (user, seed, top_p, ...) are accepted and ignored."""
 
-    model = serializers.CharField(max_length=200)
+    model = serializers.CharField(min_length=1, max_length=200)
     messages = serializers.ListField(child=ChatMessageField(), min_length=1, max_length=500)
     stream = serializers.BooleanField(required=False, default=False)
     stream_options = StreamOptionsSerializer(required=False, allow_null=True)
     max_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     max_completion_tokens = serializers.IntegerField(required=False, allow_null=True, min_value=1)
     temperature = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=2)
-    n = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    n = serializers.IntegerField(required=False, allow_null=True, min_value=1, max_value=1)
     stop = StopField(required=False, allow_null=True)
     conversation_id = serializers.UUIDField(required=False, allow_null=True)
 
@@ -132,11 +161,6 @@ class ChatCompletionRequestSerializer(serializers.Serializer):
                 if data.get(field) not in (None, False, [], {"type": "text"}):
                     raise serializers.ValidationError({field: f"{feature} is not supported by this server"})
         return super().to_internal_value(data)
-
-    def validate_n(self, value):
-        if value not in (None, 1):
-            raise serializers.ValidationError("only n=1 is supported")
-        return value
 
     def validate_messages(self, messages):
         if messages[-1]["role"] != "user":
