@@ -429,3 +429,54 @@ def test_a_first_json_answer_is_in_the_sidebar_while_it_is_written(open_page, up
     expect(page.locator(".conversation-open")).to_have_count(1)
     expect(last_answer(page)).to_have_class(re.compile(r"\brunning\b"))
     wait_answer_finished(page)
+
+
+def test_finished_blocks_stay_put_while_the_answer_streams(open_page, upstream):
+    """A selection in a finished block survives the frames that follow, and its code block's
+    Copy can be clicked: only the block still being written is rendered again."""
+    code = "```python\nprint('hello')\n```\n\n"
+    upstream.enqueue(
+        Script(chunks=[code, "First paragraph.\n\n", *[f" w{i}" for i in range(150)]], interval=0.03)
+    )
+    page = open_page()
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    send(page, "Show me code", streaming=True)
+    page.wait_for_selector(
+        ".message-assistant.running .code-block code .hljs-built_in"
+    )  # highlighted once closed
+    page.evaluate(
+        """() => {
+          window.__removed = [];
+          const body = document.querySelector('.message-assistant:last-child .bubble-body');
+          new MutationObserver((records) => {
+            for (const record of records) window.__removed.push(...record.removedNodes);
+          }).observe(body, { childList: true });
+          const paragraph = body.querySelector('p');
+          const range = document.createRange();
+          range.selectNodeContents(paragraph);
+          getSelection().removeAllRanges();
+          getSelection().addRange(range);
+          window.__grownFrom = body.textContent.length;
+        }"""
+    )
+    page.wait_for_function(  # many frames later, still streaming
+        "() => document.querySelector('.message-assistant:last-child .bubble-body').textContent.length"
+        " > window.__grownFrom + 100 && document.querySelector('.message-assistant.running')"
+    )
+    assert page.evaluate("() => getSelection().toString()") == "First paragraph."
+
+    copy = last_answer(page).locator(".code-block .copy-code")
+    landed = 0
+    for _ in range(6):
+        copy.click(timeout=2000)
+        landed += copy.evaluate("(button) => button.classList.contains('copied')")
+        page.wait_for_timeout(50)
+    assert landed == 6
+    assert page.evaluate("() => navigator.clipboard.readText()") == "print('hello')"
+    removed = page.evaluate(
+        "() => window.__removed.filter((node) => node.nodeType === 1 && node.matches('.code-block, p'))"
+        ".map((node) => node.textContent.slice(0, 20))"
+    )
+    assert "First paragraph." not in removed and not [text for text in removed if "print" in text], removed
+    wait_answer_finished(page, timeout=30_000)
+    screenshot(page, "streaming-selection-kept")

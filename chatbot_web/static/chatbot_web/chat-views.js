@@ -14,15 +14,15 @@ import {
 
 const BADGE_STATUSES = new Set(["stopped", "failed", "interrupted"]);
 const STICK_DISTANCE_PX = 48; // this close to the bottom, the list follows new text
-const HIGHLIGHT_CACHE_LIMIT = 64; // a growing code block adds one entry per frame
 
 // ---------------------------------------------------------------------------------------------
 // Markdown: marked -> DOMPurify. Raw HTML in answers is shown as text, never run.
 
-const SANITIZE_OPTIONS = {
+const SANITIZE_FRAGMENT = {
   USE_PROFILES: { html: true },
   FORBID_TAGS: ["style", "img", "form", "input", "button", "textarea", "select", "iframe", "video", "audio"],
   FORBID_ATTR: ["style"],
+  RETURN_DOM_FRAGMENT: true,
 };
 
 window.DOMPurify.addHook("afterSanitizeAttributes", (node) => {
@@ -36,18 +36,11 @@ function escapeHtml(text) {
   return String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
 }
 
-let highlightCache = new Map(); // the rendering bubble's highlighted code blocks, reused while it streams
+let highlighting = true; // off while the block being rendered is still being written
 
 function highlightCode(code, language) {
-  const key = `${language}\u0000${code}`;
-  let html = highlightCache.get(key);
-  if (html === undefined) {
-    html = language
-      ? window.hljs.highlight(code, { language, ignoreIllegals: true }).value
-      : escapeHtml(code);
-    highlightCache.set(key, html);
-  }
-  return html;
+  if (!language || !highlighting) return escapeHtml(code);
+  return window.hljs.highlight(code, { language, ignoreIllegals: true }).value;
 }
 
 const markdownParser = new window.marked.Marked({
@@ -68,10 +61,60 @@ const markdownParser = new window.marked.Marked({
   },
 });
 
-function renderMarkdown(source, cache) {
-  highlightCache = cache;
-  if (cache.size > HIGHLIGHT_CACHE_LIMIT) cache.clear();
-  return window.DOMPurify.sanitize(markdownParser.parse(source), SANITIZE_OPTIONS);
+/** One top-level Markdown block as sanitised DOM nodes, its code highlighted unless `open`. */
+function renderBlock(token, links, { open }) {
+  const tokens = [token];
+  tokens.links = links;
+  highlighting = !open;
+  const fragment = window.DOMPurify.sanitize(markdownParser.parser(tokens), SANITIZE_FRAGMENT);
+  highlighting = true;
+  decorateCodeBlocks(fragment);
+  return [...fragment.childNodes];
+}
+
+/**
+ * An answer's Markdown, rendered block by block. A block that is finished (any but the
+ * last while the answer streams) keeps its DOM nodes, so a selection in it survives and
+ * its Copy button stays clickable; only the block still being written is rendered again,
+ * without highlighting until it closes. The work per frame is the last block's, however
+ * long the answer has grown: the text before it is not even parsed again.
+ */
+class MarkdownBlocks {
+  constructor(container) {
+    this.container = container;
+    this.blocks = []; // {raw, nodes, open}, in order; their raws concatenate to the text
+    this.source = "";
+  }
+
+  /** Show `text` (which only grows while streaming); `final` re-reads it whole and closes the last block. */
+  update(text, { final = false } = {}) {
+    const source = text.replace(/\r\n?/g, "\n"); // as marked reads it, so raw lengths add up
+    const grew = source.startsWith(this.source); // else the text was replaced (a snapshot): read it all
+    this.source = source;
+    const kept = final || !grew ? 0 : Math.max(0, this.blocks.length - 1);
+    const offset = this.blocks.slice(0, kept).reduce((length, block) => length + block.raw.length, 0);
+    const tokens = markdownParser.lexer(source.slice(offset));
+    tokens.forEach((token, i) => {
+      const index = kept + i;
+      const open = !final && i === tokens.length - 1;
+      const block = this.blocks[index];
+      if (block && !block.open && !open && block.raw === token.raw) return; // finished and unchanged
+      this.replace(index, { raw: token.raw, nodes: renderBlock(token, tokens.links, { open }), open });
+    });
+    for (let index = this.blocks.length - 1; index >= kept + tokens.length; index--) this.replace(index, null);
+  }
+
+  replace(index, block) {
+    const old = this.blocks[index];
+    const next = this.blocks.slice(index + 1).find((later) => later.nodes.length)?.nodes[0] ?? null;
+    for (const node of old?.nodes ?? []) node.remove();
+    if (block === null) {
+      this.blocks.splice(index, 1);
+      return;
+    }
+    for (const node of block.nodes) this.container.insertBefore(node, next);
+    this.blocks[index] = block;
+  }
 }
 
 /** Give each code block a header with its language and a copy button. */
@@ -163,7 +206,6 @@ class AnswerView {
     this.answer = answer;
     this.scroller = scroller;
     this.frame = 0;
-    this.codeCache = new Map();
 
     this.item = messageItem("assistant");
     const bubble = this.item.querySelector(".bubble");
@@ -174,6 +216,7 @@ class AnswerView {
     this.footer = document.createElement("div");
     this.footer.className = "message-footer";
     bubble.append(this.body, this.loading, this.footer);
+    this.markdown = new MarkdownBlocks(this.body);
 
     if (answer.running) {
       this.item.classList.add("running");
@@ -194,25 +237,23 @@ class AnswerView {
     });
   }
 
-  render() {
+  render({ final = false } = {}) {
     if (this.frame) cancelAnimationFrame(this.frame);
     this.frame = 0;
-    this.body.innerHTML = renderMarkdown(this.answer.text, this.codeCache);
-    decorateCodeBlocks(this.body);
+    this.markdown.update(this.answer.text, { final });
     this.scroller.follow();
   }
 
   /** The answer ended: final render, status badge, error text or note, actions. */
   finish() {
     const { status, errorCode, retryAfter, limit, finishReason } = this.answer.outcome;
-    this.render();
+    this.render({ final: true });
     this.loading.remove();
     this.item.classList.remove("running");
     this.item.dataset.status = status;
     this.renderFooter(status);
     if (errorCode) this.showNote("message-error", errorText(errorCode, { retryAfter, limit }));
     else if (finishReason === "length") this.showNote("message-note", gettext("The answer was cut at the length limit."));
-    this.codeCache = new Map();
     this.scroller.follow();
   }
 
