@@ -58,9 +58,8 @@ def test_the_schema_holds_for_a_browser_session_with_csrf(contract_server, tmp_p
         browser.get("/").raise_for_status()  # the page starts the session and sets the CSRF cookie
         session, csrf = browser.cookies["sessionid"], browser.cookies["csrftoken"]
 
-    result = schemathesis(
-        contract_server, f"Cookie: sessionid={session}; csrftoken={csrf}", f"X-CSRFToken: {csrf}"
-    )
+    cookies = f"Cookie: sessionid={session}; csrftoken={csrf}"
+    result = schemathesis(contract_server, cookies, f"X-CSRFToken: {csrf}", cwd=tmp_path)
 
     assert result.returncode == 0, result.stdout[-6000:]
     assert "passed" in result.stdout
