@@ -53,6 +53,7 @@ DEFAULTS: dict[str, object] = {
     "LOGIN_LOCKOUT_SECONDS": 900,
     # The page: the template its pages extend (blocks: title, head, body_class, body)
     "BASE_TEMPLATE": "chatbot_web/base.html",
+    "CONTENT_SECURITY_POLICY": True,  # the pages' strict CSP (chatbot_web/csp.py); False: the site sends one
     # /metrics: open to these client IPs, or to `Authorization: Bearer <METRICS_TOKEN>`
     "METRICS_TOKEN": "",
     "METRICS_ALLOWED_IPS": ["127.0.0.1", "::1"],

@@ -7,6 +7,7 @@ from django.contrib.auth.views import LoginView, redirect_to_login
 from django.http import JsonResponse
 from django.shortcuts import render, resolve_url
 from django.urls import NoReverseMatch, reverse
+from django.utils.decorators import method_decorator
 from django.views.decorators.csrf import ensure_csrf_cookie
 
 from chatbot_api import login_throttle
@@ -14,11 +15,14 @@ from chatbot_api.conf import chatbot_setting
 from chatbot_api.errors import error_body
 from chatbot_api.serializers import ChatRequestSerializer
 
+from .csp import content_security_policy
+
 # The page enforces the API's limit before sending, so it reads it from the API's own serializer.
 MAX_MESSAGE_LENGTH = ChatRequestSerializer().fields["message"].max_length
 
 
 @ensure_csrf_cookie
+@content_security_policy
 def chat_page(request):
     """The chat page; makes sure the browser has a session (it owns anonymous conversations)."""
     if not request.user.is_authenticated and not chatbot_setting("ALLOW_ANONYMOUS"):
@@ -77,6 +81,7 @@ class ThrottledAuthenticationForm(AuthenticationForm):
         return super().clean()
 
 
+@method_decorator(content_security_policy, name="dispatch")
 class ThrottledLoginView(LoginView):
     """The demo project's sign-in page (a site keeps its own)."""
 

@@ -44,7 +44,7 @@ def plain_static_files(settings):
 def open_page(browser, live_server_url):
     """Open the chat page: `open_page(locale="it-IT", viewport=PHONE, color_scheme="dark")`.
 
-    Fails the test if the page raised a JavaScript error.
+    Fails the test if the page raised a JavaScript error or broke its Content-Security-Policy.
     """
     contexts = []
     errors: list[str] = []
@@ -52,6 +52,8 @@ def open_page(browser, live_server_url):
     def open_(locale="en-US", viewport=DESKTOP, color_scheme="light", path="/", origin=None):
         context = browser.new_context(locale=locale, viewport=viewport, color_scheme=color_scheme)
         context.set_default_timeout(10_000)
+        context.expose_binding("__cspViolation", lambda source, text: errors.append(f"CSP: {text}"))
+        context.add_init_script(CSP_WATCH)
         contexts.append(context)
         page = context.new_page()
         page.on("pageerror", lambda error: errors.append(str(error)))
@@ -63,4 +65,12 @@ def open_page(browser, live_server_url):
     yield open_
     for context in contexts:
         context.close()
-    assert errors == [], "JavaScript errors on the page"
+    assert errors == [], "JavaScript errors or CSP violations on the page"
+
+
+# Runs before the page's own scripts: every CSP violation is reported to the test.
+CSP_WATCH = """
+document.addEventListener("securitypolicyviolation", (event) => {
+  window.__cspViolation(`${event.violatedDirective} blocked ${event.blockedURI || "inline"}`);
+});
+"""

@@ -100,3 +100,36 @@ def test_markdown_links_open_safely_and_code_can_be_copied(open_page, upstream):
     assert page.evaluate("() => navigator.clipboard.readText()") == "print('hi')"
     last_answer(page).locator(".copy-answer").click()
     assert page.evaluate("() => navigator.clipboard.readText()") == answer
+
+
+def test_the_page_runs_under_a_strict_content_security_policy(open_page, upstream, browser, live_server_url):
+    """Every page test fails on a CSP violation (conftest's watcher); this one checks the policy
+    itself, that the page works under it, and that a stray inline script is refused."""
+    upstream.enqueue(Script(chunks=["```python\nprint(1)\n```\n\nSafe **and** sound."]))
+    page = open_page()
+    response = page.request.get(live_server_url + "/")
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'self' 'nonce-" in policy
+    assert "'unsafe-inline'" not in policy and "'unsafe-eval'" not in policy
+    send(page, "Show me", streaming=True, transport="ws")  # WebSocket to self is allowed
+    wait_answer_finished(page)
+    expect(last_answer(page).locator("strong")).to_have_text("and")
+
+    # The same check the fixture makes, shown to catch what it must: an injected inline script.
+    context = browser.new_context()
+    blocked: list[str] = []
+    context.expose_binding("__report", lambda source, text: blocked.append(text))
+    context.add_init_script(
+        "document.addEventListener('securitypolicyviolation', (e) => {"
+        " window.__violations = (window.__violations || 0) + 1; window.__report(e.violatedDirective); })"
+    )
+    probe = context.new_page()
+    probe.goto(live_server_url + "/")
+    probe.evaluate(
+        """() => { const s = document.createElement('script'); s.textContent = 'window.__ran = 1';
+                   document.body.append(s); }"""
+    )
+    probe.wait_for_function("() => window.__violations > 0")
+    assert probe.evaluate("() => window.__ran") is None
+    assert blocked and blocked[0].startswith("script-src")
+    context.close()
