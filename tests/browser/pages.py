@@ -80,3 +80,22 @@ def wait_for_chunks(upstream, count: int, *, request: int = -1, timeout: float =
     while record.chunks_sent < target:
         assert time.monotonic() < deadline, f"only {record.chunks_sent} chunks sent after {timeout} s"
         time.sleep(0.01)
+
+
+AXE = Path(__file__).resolve().parent / "vendor" / "axe.min.js"
+# WCAG 2.2 A and AA, and axe's best practices (one main landmark, all content in landmarks).
+AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa", "best-practice"]
+
+
+def axe_violations(page) -> list[str]:
+    """axe-core's violations on the page as it is now: "rule: target (summary)" lines."""
+    if not page.evaluate("() => typeof window.axe === 'object'"):
+        page.evaluate(AXE.read_text())  # evaluated, not a <script>: the page's CSP allows none inline
+    return page.evaluate(
+        """async (tags) => {
+          const result = await axe.run(document, { runOnly: { type: "tag", values: tags } });
+          return result.violations.flatMap((violation) => violation.nodes.map((node) =>
+            `${violation.id}: ${node.target.join(" ")} (${node.failureSummary.split("\\n")[1] ?? ""})`));
+        }""",
+        AXE_TAGS,
+    )

@@ -19,6 +19,7 @@ const STORAGE_KEYS = {
 const OFFLINE_RETRY_MS = 30_000; // offline, the `online` event ends the wait; this covers a wrong navigator.onLine
 const COPIED_FEEDBACK_MS = 1500;
 const ANNOUNCE_DELAY_MS = 100;
+const DRAWER_MAX_WIDTH_PX = 760; // chat.css's breakpoint: below it the sidebar is a drawer
 
 const app = document.getElementById("app");
 const ui = Object.fromEntries(
@@ -26,7 +27,7 @@ const ui = Object.fromEntries(
     "sidebar", "sidebarToggle", "sidebarBackdrop", "newChatButton", "newChatCompactButton",
     "conversationList", "conversationEmpty", "usageToday", "streamingCheckbox", "transportSelect",
     "connectionBanner", "messages", "emptyState", "messageList", "scrollToBottom", "composer",
-    "messageInput", "charCounter", "stopButton", "sendButton", "composerError", "announcer",
+    "messageInput", "charCounter", "stopButton", "sendButton", "composerError", "announcer", "main",
   ].map((id) => [id, document.getElementById(id)]),
 );
 
@@ -346,10 +347,14 @@ function onMessageListClick(event) {
 // ---------------------------------------------------------------------------------------------
 // Layout: the sidebar is a drawer on small screens
 
+const drawerLayout = window.matchMedia(`(max-width: ${DRAWER_MAX_WIDTH_PX}px)`); // as chat.css
+
+/** On a phone the sidebar is a modal drawer: while it is open, the page behind it is inert. */
 function setSidebarOpen(open) {
   app.classList.toggle("sidebar-open", open);
   ui.sidebarToggle.setAttribute("aria-expanded", String(open));
   ui.sidebarBackdrop.hidden = !open;
+  ui.main.inert = open && drawerLayout.matches;
   if (open) ui.newChatButton.focus();
 }
 
@@ -397,6 +402,7 @@ function bindEvents() {
       stopAnswers(); // Escape stops the running answer, as in other chat apps
     }
   });
+  drawerLayout.addEventListener("change", () => setSidebarOpen(false)); // rotated or resized: no drawer left open
   window.addEventListener("online", updateConnection);
   window.addEventListener("offline", updateConnection);
 }
