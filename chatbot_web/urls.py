@@ -16,6 +16,7 @@ from . import views
 app_name = "chatbot"
 urlpatterns = [
     path("", views.chat_page, name="chat"),
+    path("c/<str:session_id>", views.chat_page, name="conversation"),  # a link to one conversation
     path("api/", include("chatbot_api.urls")),
     path("v1/", include("chatbot_api.openai_api.urls")),  # the OpenAI API, for any OpenAI client
     path("ws/chat/", views.websocket_endpoint, name="websocket"),

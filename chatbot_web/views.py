@@ -23,8 +23,9 @@ MAX_MESSAGE_LENGTH = ChatRequestSerializer().fields["message"].max_length
 
 @ensure_csrf_cookie
 @content_security_policy
-def chat_page(request):
-    """The chat page; makes sure the browser has a session (it owns anonymous conversations)."""
+def chat_page(request, session_id=None):
+    """The chat page, at a conversation's link (`c/<session_id>`) or a new chat; makes sure
+    the browser has a session (it owns anonymous conversations)."""
     if not request.user.is_authenticated and not chatbot_setting("ALLOW_ANONYMOUS"):
         return redirect_to_login(request.get_full_path())
     if not request.session.session_key:
@@ -36,6 +37,8 @@ def chat_page(request):
         {
             **page_context(),
             "api_root": api_root,
+            "page_root": reverse("chatbot:chat"),
+            "session_id": session_id or "",
             "max_message_length": MAX_MESSAGE_LENGTH,
         },
     )

@@ -154,3 +154,49 @@ def test_desktop_dark_theme_and_keyboard(open_page, upstream):
     assert outline == "solid"
     page.keyboard.press("Enter")  # opens the newest conversation (already open: stays)
     expect(page.locator(".message-user")).to_have_count(1)
+
+
+def test_each_conversation_has_a_link_and_back_and_forward_move_between_them(
+    open_page, upstream, live_server_url
+):
+    upstream.enqueue(Script(chunks=["About cats."]), Script(chunks=["About dogs."]))
+    page = open_page()
+    assert page.evaluate("() => location.pathname") == "/"
+    send(page, "Cats?", streaming=True)
+    wait_answer_finished(page)
+    first = Conversation.objects.get().id
+    expect(page).to_have_url(f"{live_server_url}/c/{first}")  # the new conversation got its link
+
+    page.click("#newChatButton")
+    expect(page).to_have_url(f"{live_server_url}/")
+    send(page, "Dogs?", streaming=True)
+    wait_answer_finished(page)
+    second = Conversation.objects.exclude(id=first).get().id
+    expect(page).to_have_url(f"{live_server_url}/c/{second}")
+
+    page.click(f'.conversation[data-session-id="{first}"] .conversation-open')
+    expect(page).to_have_url(f"{live_server_url}/c/{first}")
+    expect(page.locator(".message-assistant .bubble-body")).to_have_text(["About cats."])
+
+    page.go_back()
+    expect(page).to_have_url(f"{live_server_url}/c/{second}")
+    expect(page.locator(".message-assistant .bubble-body")).to_have_text(["About dogs."])
+    page.go_forward()
+    expect(page.locator(".message-assistant .bubble-body")).to_have_text(["About cats."])
+
+    page.reload()
+    wait_ready(page)
+    expect(page.locator(".message-assistant .bubble-body")).to_have_text(["About cats."])
+    expect(page.locator(f'.conversation[data-session-id="{first}"]')).to_have_class("conversation active")
+
+    other = page.context.new_page()  # the link opens it in another tab of the same browser too
+    other.goto(f"{live_server_url}/c/{second}")
+    wait_ready(other)
+    expect(other.locator(".message-assistant .bubble-body")).to_have_text(["About dogs."])
+
+
+def test_a_link_to_a_conversation_that_is_not_yours_starts_a_new_chat(open_page, live_server_url):
+    page = open_page(path="/c/4f7c2a7e-0000-4000-8000-000000000000")
+    wait_ready(page)
+    expect(page).to_have_url(f"{live_server_url}/")
+    expect(page.locator("#emptyState")).to_be_visible()

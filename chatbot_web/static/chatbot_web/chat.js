@@ -117,6 +117,51 @@ const messageList = new MessageListView({ list: ui.messageList, emptyState: ui.e
 const conversationList = new ConversationListView({ list: ui.conversationList, emptyNote: ui.conversationEmpty });
 
 // ---------------------------------------------------------------------------------------------
+// The address bar: each conversation has its link (`c/<session_id>`); back and forward move
+// between the conversations opened, and a reload shows the same one.
+
+const address = {
+  root: app.dataset.pageRoot || "/",
+  push: false, // the next change is the user's own navigation: a new history entry
+  applying: false, // showing what back/forward chose: the address is already right
+
+  pathOf(sessionId) {
+    return sessionId ? `${this.root}c/${encodeURIComponent(sessionId)}` : this.root;
+  },
+
+  sessionOf(path) {
+    const prefix = `${this.root}c/`;
+    return path.startsWith(prefix) ? decodeURIComponent(path.slice(prefix.length)) || null : null;
+  },
+
+  navigating() {
+    this.push = true;
+  },
+
+  /** The open conversation changed: a new entry for the user's navigation, else the same one updated. */
+  show(sessionId) {
+    const push = this.push;
+    this.push = false;
+    const path = this.pathOf(sessionId);
+    if (this.applying || location.pathname === path) return;
+    if (push) history.pushState({ sessionId }, "", path);
+    else history.replaceState({ sessionId }, "", path);
+  },
+
+  /** Back or forward: open what the address names. */
+  follow() {
+    const sessionId = this.sessionOf(location.pathname);
+    this.applying = true;
+    try {
+      if (sessionId) chat.open(sessionId);
+      else chat.newChat();
+    } finally {
+      this.applying = false;
+    }
+  },
+};
+
+// ---------------------------------------------------------------------------------------------
 // State changes -> views
 
 chat.on("messages", ({ messages, reason }) => {
@@ -124,7 +169,10 @@ chat.on("messages", ({ messages, reason }) => {
   if (reason === "send" || reason === "load") scroller.toBottom();
   else scroller.follow();
 });
-chat.on("session", (sessionId) => conversationList.markActive(sessionId));
+chat.on("session", (sessionId) => {
+  conversationList.markActive(sessionId);
+  address.show(sessionId);
+});
 chat.on("conversations", (conversations) => conversationList.render(conversations));
 chat.on("loading", (loading) => {
   if (loading) ui.messages.setAttribute("aria-busy", "true");
@@ -222,6 +270,7 @@ function stopAnswers() {
 }
 
 function startNewChat() {
+  address.navigating();
   chat.newChat();
   hideComposerError();
   setSidebarOpen(false);
@@ -293,7 +342,10 @@ function onConversationListClick(event) {
   const item = button?.closest(".conversation");
   if (!item) return;
   if (button.classList.contains("conversation-open")) {
-    if (item.dataset.sessionId !== chat.sessionId || !chat.messages.length) chat.open(item.dataset.sessionId);
+    if (item.dataset.sessionId !== chat.sessionId || !chat.messages.length) {
+      address.navigating();
+      chat.open(item.dataset.sessionId);
+    }
     setSidebarOpen(false);
   } else if (button.classList.contains("conversation-rename")) {
     renameConversation(item);
@@ -403,6 +455,7 @@ function bindEvents() {
     }
   });
   drawerLayout.addEventListener("change", () => setSidebarOpen(false)); // rotated or resized: no drawer left open
+  window.addEventListener("popstate", () => address.follow());
   window.addEventListener("online", updateConnection);
   window.addEventListener("offline", updateConnection);
 }
@@ -414,5 +467,6 @@ updateControls();
 updateConnection();
 chat.refreshConversations();
 refreshUsage();
-chat.restore();
+if (app.dataset.sessionId) chat.open(app.dataset.sessionId); // a conversation's link
+else chat.restore(); // the page's address: the conversation open last time, if any
 app.dataset.ready = "true"; // lets the browser tests know the page is wired up
