@@ -19,7 +19,10 @@ def send(page, text: str, *, streaming: bool | None = None, transport: str | Non
     if streaming is not None:
         page.set_checked("#streamingCheckbox", streaming)
     if transport is not None:
+        if not page.evaluate("() => document.getElementById('settings').open"):
+            page.click("#settings summary")
         page.select_option("#transportSelect", transport)
+        page.click("#settings summary")  # closed again, as a user leaves it
     page.fill("#messageInput", text)
     page.press("#messageInput", "Enter")
 

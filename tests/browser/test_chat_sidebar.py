@@ -200,3 +200,22 @@ def test_a_link_to_a_conversation_that_is_not_yours_starts_a_new_chat(open_page,
     wait_ready(page)
     expect(page).to_have_url(f"{live_server_url}/")
     expect(page.locator("#emptyState")).to_be_visible()
+
+
+@pytest.mark.parametrize("color_scheme", ["light", "dark"])
+def test_the_transport_lives_in_a_settings_panel_and_streaming_is_on_by_default(open_page, color_scheme):
+    page = open_page(color_scheme=color_scheme)
+    expect(page.locator("#streamingCheckbox")).to_be_checked()
+    expect(page.locator("#transportSelect")).to_be_hidden()
+
+    page.click("#settings summary")
+    expect(page.locator("#transportSelect")).to_be_visible()
+    screenshot(page, f"settings-panel-{color_scheme}")
+    page.keyboard.press("Escape")
+    expect(page.locator("#transportSelect")).to_be_hidden()
+    expect(page.locator("#settings summary")).to_be_focused()
+
+    page.uncheck("#streamingCheckbox")  # remembered, as the seed's checkbox always was
+    page.reload()
+    wait_ready(page)
+    expect(page.locator("#streamingCheckbox")).not_to_be_checked()

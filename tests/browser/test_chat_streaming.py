@@ -51,9 +51,9 @@ def assert_grew_in_steps(samples: list[str], final: str) -> None:
 def test_json_mode_shows_thinking_then_the_whole_answer(open_page, upstream, locale, thinking):
     upstream.enqueue(Script(chunks=["Ciao", ", come", " stai?"], interval=0.4))
     page = open_page(locale=locale)
-    expect(page.locator("#streamingCheckbox")).not_to_be_checked()
+    expect(page.locator("#streamingCheckbox")).to_be_checked()  # streaming by default
 
-    send(page, "Hello")
+    send(page, "Hello", streaming=False)  # the seed's checkbox still switches to JSON
 
     loading = last_answer(page).locator(".loading")
     expect(loading).to_have_text(thinking)

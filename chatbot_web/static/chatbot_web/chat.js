@@ -28,6 +28,7 @@ const ui = Object.fromEntries(
     "conversationList", "conversationEmpty", "usageToday", "streamingCheckbox", "transportSelect",
     "connectionBanner", "messages", "emptyState", "messageList", "scrollToBottom", "composer",
     "messageInput", "charCounter", "stopButton", "sendButton", "composerError", "announcer", "main",
+    "settings",
   ].map((id) => [id, document.getElementById(id)]),
 );
 
@@ -414,7 +415,7 @@ function setSidebarOpen(open) {
 // Start
 
 function restoreChoices() {
-  ui.streamingCheckbox.checked = stored.get(STORAGE_KEYS.streaming) === "1";
+  ui.streamingCheckbox.checked = stored.get(STORAGE_KEYS.streaming) !== "0"; // streaming unless switched off
   const transport = stored.get(STORAGE_KEYS.transport);
   if (transport in transports) ui.transportSelect.value = transport;
 }
@@ -447,7 +448,10 @@ function bindEvents() {
   ui.sidebarBackdrop.addEventListener("click", () => setSidebarOpen(false));
   document.addEventListener("keydown", (event) => {
     if (event.key !== "Escape" || event.defaultPrevented) return;
-    if (app.classList.contains("sidebar-open")) {
+    if (ui.settings.open) {
+      ui.settings.open = false;
+      ui.settings.querySelector("summary").focus();
+    } else if (app.classList.contains("sidebar-open")) {
       setSidebarOpen(false);
       ui.sidebarToggle.focus();
     } else if (chat.running) {
