@@ -17,6 +17,11 @@ urlpatterns = [
     path(
         "conversations/<str:session_id>", views.ConversationDetailView.as_view(), name="conversation-detail"
     ),
+    path(
+        "conversations/<str:session_id>/export",
+        views.ConversationExportView.as_view(),
+        name="conversation-export",
+    ),
     path("usage/", views.UsageView.as_view(), name="usage"),
     path("token/", views.TokenView.as_view(), name="token"),
     path("schema/", views.SchemaView.as_view(), name="schema"),

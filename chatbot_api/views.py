@@ -6,6 +6,7 @@ from adrf.views import APIView as AsyncAPIView
 from asgiref.sync import sync_to_async
 from django.http import HttpResponse
 from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework import status
@@ -18,7 +19,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
 
-from . import __version__, login_throttle, selectors, services
+from . import __version__, export, login_throttle, selectors, services
 from .authentication import BearerTokenAuthentication, CsrfSessionAuthentication
 from .errors import ChatbotError, api_exception_handler, status_for_code
 from .identity import owner_for
@@ -330,6 +331,32 @@ class ConversationDetailView(ApiView):
         """Delete a conversation and its messages (a running answer is stopped first)."""
         await services.conversation_delete(owner=await owner_for(request), conversation_id=session_id)
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class ConversationExportView(ApiView):
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("as", str, enum=sorted(export.EXPORT_FORMATS), description="File format.")
+        ],
+        responses={
+            (200, "text/markdown"): OpenApiResponse(OpenApiTypes.STR, description="As Markdown."),
+            (200, "application/json"): OpenApiResponse(OpenApiTypes.OBJECT, description="As JSON."),
+        },
+    )
+    async def get(self, request, session_id):
+        """Download a conversation as a Markdown or JSON file."""
+        kind = request.query_params.get("as", "markdown")
+        if kind not in export.EXPORT_FORMATS:
+            raise ChatbotError(f"`as` must be one of {', '.join(export.EXPORT_FORMATS)}.", code="invalid")
+        conversation = await selectors.conversation_get(
+            owner=await owner_for(request), conversation_id=session_id
+        )
+        messages = [m async for m in selectors.conversation_messages(conversation=conversation)]
+        content_type, extension = export.EXPORT_FORMATS[kind]
+        body = (export.as_json if kind == "json" else export.as_markdown)(conversation, messages)
+        response = HttpResponse(body, content_type=content_type)
+        response["Content-Disposition"] = f'attachment; filename="{export.filename(conversation, extension)}"'
+        return response
 
 
 class SchemaView(SpectacularAPIView):

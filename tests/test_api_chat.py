@@ -425,3 +425,31 @@ async def test_a_client_named_answer_can_be_stopped_before_the_json_answer_comes
         f"/api/messages/{answer_id}/regenerate", {"answer_id": regenerate_id}, content_type="application/json"
     )
     assert regenerated.json()["message_id"] == regenerate_id
+
+
+async def test_a_conversation_exports_as_markdown_and_json(upstream, manager):
+    client = AsyncClient()
+    upstream.enqueue(Script(chunks=["Use `print()`."]))
+    body = (await post_chat(client, {"message": "How do I print in Python?"})).json()
+    url = f"/api/conversations/{body['session_id']}/export"
+
+    markdown = await client.get(url, {"as": "markdown"})
+    assert markdown.status_code == 200 and markdown["Content-Type"].startswith("text/markdown")
+    assert markdown["Content-Disposition"] == 'attachment; filename="how-do-i-print-in-python.md"'
+    text = markdown.content.decode()
+    assert text.startswith("# How do I print in Python?\n")
+    assert "**You** · " in text and "How do I print in Python?" in text
+    assert "**Assistant** (gpt-4.1-nano) · " in text and "Use `print()`." in text
+
+    exported = (await client.get(url, {"as": "json"})).json()
+    assert exported["session_id"] == body["session_id"]
+    assert [(m["role"], m["content"]) for m in exported["messages"]] == [
+        ("user", "How do I print in Python?"),
+        ("assistant", "Use `print()`."),
+    ]
+    assert (
+        exported["messages"][1]["completion_tokens"] == 1 and exported["messages"][1]["status"] == "complete"
+    )
+
+    assert (await client.get(url, {"as": "pdf"})).json()["code"] == "invalid"
+    assert (await AsyncClient().get(url)).status_code == 404  # someone else's

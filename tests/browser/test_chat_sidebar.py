@@ -219,3 +219,29 @@ def test_the_transport_lives_in_a_settings_panel_and_streaming_is_on_by_default(
     page.reload()
     wait_ready(page)
     expect(page.locator("#streamingCheckbox")).not_to_be_checked()
+
+
+def test_export_downloads_the_open_conversation_and_bubbles_show_when_they_were_written(open_page, upstream):
+    upstream.enqueue(Script(chunks=["Answer to export."]))
+    page = open_page()
+    expect(page.locator("#exportMenu")).to_be_hidden()  # nothing to export in a new chat
+    send(page, "Export me", streaming=True)
+    wait_answer_finished(page)
+
+    expect(page.locator("#exportMenu")).to_be_visible()
+    page.click("#exportMenu summary")
+    screenshot(page, "export-menu")
+    with page.expect_download() as download:
+        page.click("#exportMarkdown")
+    assert download.value.suggested_filename == "export-me.md"
+    assert "Answer to export." in open(download.value.path(), encoding="utf-8").read()
+    with page.expect_download() as download:
+        page.click("#exportJson")
+    assert download.value.suggested_filename == "export-me.json"
+
+    for bubble in page.locator(".message .bubble").all():
+        assert bubble.get_attribute("title")  # e.g. "2 Dec 2026, 15:04"
+    page.reload()
+    wait_ready(page)
+    titles = [bubble.get_attribute("title") for bubble in page.locator(".message .bubble").all()]
+    assert len(titles) == 2 and all(titles)

@@ -182,17 +182,28 @@ export class Scroller {
 // ---------------------------------------------------------------------------------------------
 // Messages
 
-function messageItem(role) {
+const timeFormat = new Intl.DateTimeFormat(document.documentElement.lang || undefined, {
+  dateStyle: "medium",
+  timeStyle: "short",
+});
+
+/** A message's list item; hovering its bubble shows when it was written. */
+function messageItem(message) {
   const item = document.createElement("li");
-  item.className = `message message-${role}`;
+  item.className = `message message-${message.role}`;
   const bubble = document.createElement("div");
   bubble.className = "bubble";
+  const written = new Date(message.createdAt);
+  if (!Number.isNaN(written.getTime())) {
+    bubble.title = timeFormat.format(written);
+    item.dataset.createdAt = message.createdAt;
+  }
   item.append(bubble);
   return item;
 }
 
 function questionItem(question) {
-  const item = messageItem("user");
+  const item = messageItem(question);
   const body = document.createElement("div");
   body.className = "bubble-body";
   body.textContent = question.text; // the user's own text is shown as typed, never parsed as HTML
@@ -207,7 +218,7 @@ class AnswerView {
     this.scroller = scroller;
     this.frame = 0;
 
-    this.item = messageItem("assistant");
+    this.item = messageItem(answer);
     const bubble = this.item.querySelector(".bubble");
     this.body = document.createElement("div");
     this.body.className = "bubble-body markdown";

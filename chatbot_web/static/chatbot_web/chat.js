@@ -28,7 +28,7 @@ const ui = Object.fromEntries(
     "conversationList", "conversationEmpty", "usageToday", "streamingCheckbox", "transportSelect",
     "connectionBanner", "messages", "emptyState", "messageList", "scrollToBottom", "composer",
     "messageInput", "charCounter", "stopButton", "sendButton", "composerError", "announcer", "main",
-    "settings",
+    "settings", "exportMenu", "exportMarkdown", "exportJson",
   ].map((id) => [id, document.getElementById(id)]),
 );
 
@@ -173,7 +173,18 @@ chat.on("messages", ({ messages, reason }) => {
 chat.on("session", (sessionId) => {
   conversationList.markActive(sessionId);
   address.show(sessionId);
+  showExport(sessionId);
 });
+
+/** The export menu offers the open conversation's files (none for a new chat). */
+function showExport(sessionId) {
+  ui.exportMenu.hidden = !sessionId;
+  ui.exportMenu.open = false;
+  if (!sessionId) return;
+  const base = `${app.dataset.apiRoot}conversations/${encodeURIComponent(sessionId)}/export`;
+  ui.exportMarkdown.href = `${base}?as=markdown`;
+  ui.exportJson.href = `${base}?as=json`;
+}
 chat.on("conversations", (conversations) => conversationList.render(conversations));
 chat.on("loading", (loading) => {
   if (loading) ui.messages.setAttribute("aria-busy", "true");
@@ -448,9 +459,10 @@ function bindEvents() {
   ui.sidebarBackdrop.addEventListener("click", () => setSidebarOpen(false));
   document.addEventListener("keydown", (event) => {
     if (event.key !== "Escape" || event.defaultPrevented) return;
-    if (ui.settings.open) {
-      ui.settings.open = false;
-      ui.settings.querySelector("summary").focus();
+    const menu = [ui.settings, ui.exportMenu].find((details) => details.open);
+    if (menu) {
+      menu.open = false;
+      menu.querySelector("summary").focus();
     } else if (app.classList.contains("sidebar-open")) {
       setSidebarOpen(false);
       ui.sidebarToggle.focus();

@@ -40,9 +40,10 @@ export function wasStreamed(message) {
 
 /** A question in the open conversation, as typed. */
 export class Question {
-  constructor(text) {
+  constructor(text, createdAt = new Date().toISOString()) {
     this.role = "user";
     this.text = text;
+    this.createdAt = createdAt;
   }
 }
 
@@ -52,9 +53,17 @@ export class Question {
  * "finish" once when it ends.
  */
 export class Answer extends Emitter {
-  constructor({ id = null, text = "", model = "", streamed = false, completionTokens = null } = {}) {
+  constructor({
+    id = null,
+    text = "",
+    model = "",
+    streamed = false,
+    completionTokens = null,
+    createdAt = new Date().toISOString(),
+  } = {}) {
     super();
     this.role = "assistant";
+    this.createdAt = createdAt;
     this.id = id; // known once the server names the answer
     this.text = text;
     this.model = model;
@@ -73,6 +82,7 @@ export class Answer extends Emitter {
       model: message.model,
       streamed: wasStreamed(message),
       completionTokens: message.completion_tokens,
+      createdAt: message.created_at,
     });
     if (!live) {
       answer.outcome = outcome({
@@ -248,7 +258,7 @@ export class Chat extends Emitter {
     if (token !== this.loadToken) return;
     this.emit("loading", false);
     const messages = conversation.messages.map((message) =>
-      message.role === "user" ? new Question(message.content) : Answer.fromMessage(message),
+      message.role === "user" ? new Question(message.content, message.created_at) : Answer.fromMessage(message),
     );
     this.setMessages(messages, "load");
     for (const answer of messages) {
