@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 from uuid import UUID
 
+from django.db import connection
 from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
@@ -28,8 +29,40 @@ def _uuid(value) -> UUID | None:
         return None
 
 
-def conversation_list(*, owner: Owner) -> QuerySet[Conversation]:
-    return Conversation.objects.filter(**owner.lookup).order_by("-updated_at")
+SEARCH_MAX_LENGTH = 200
+
+
+def conversation_list(*, owner: Owner, query: str = "") -> QuerySet[Conversation]:
+    """The owner's conversations, newest first; with `query`, those whose title or text match it.
+
+    On PostgreSQL the text is searched with its full-text search (stems and word order:
+    "cats running" finds "the cat runs"), plus a plain substring match on titles; elsewhere
+    (SQLite) a case-insensitive substring match on titles and messages.
+    """
+    conversations = Conversation.objects.filter(**owner.lookup)
+    query = " ".join(query.split())[:SEARCH_MAX_LENGTH]
+    if query:
+        conversations = conversations.filter(pk__in=_matching(query)).distinct()
+    return conversations.order_by("-updated_at")
+
+
+def _matching(query: str) -> QuerySet:
+    if connection.vendor == "postgresql":
+        from django.contrib.postgres.search import SearchQuery, SearchVector
+
+        words = SearchQuery(query, search_type="websearch", config="simple")
+        texts = Message.objects.annotate(text=SearchVector("content", config="simple")).filter(text=words)
+        titled = Conversation.objects.annotate(text=SearchVector("title", config="simple")).filter(text=words)
+        return (
+            Conversation.objects.filter(
+                Q(pk__in=texts.values("conversation_id"))
+                | Q(pk__in=titled.values("pk"))
+                | Q(title__icontains=query)
+            )
+        ).values("pk")
+    return Conversation.objects.filter(
+        Q(title__icontains=query) | Q(messages__content__icontains=query)
+    ).values("pk")
 
 
 async def conversation_get(*, owner: Owner, conversation_id) -> Conversation:

@@ -294,11 +294,21 @@ class UsageView(ApiView):
 
 
 class ConversationListView(ApiView):
-    @extend_schema(responses=ConversationSerializer(many=True))
+    @extend_schema(
+        parameters=[
+            OpenApiParameter(
+                "q",
+                {"type": "string", "maxLength": selectors.SEARCH_MAX_LENGTH},
+                description="Only conversations whose title or messages match these words.",
+            )
+        ],
+        responses=ConversationSerializer(many=True),
+    )
     async def get(self, request):
-        """The caller's conversations, newest first."""
+        """The caller's conversations, newest first (at most 200), optionally searched."""
         owner = await owner_for(request)
-        conversations = [c async for c in selectors.conversation_list(owner=owner)[:200]]
+        query = request.query_params.get("q", "")
+        conversations = [c async for c in selectors.conversation_list(owner=owner, query=query)[:200]]
         return Response(ConversationSerializer(conversations, many=True).data)
 
 

@@ -453,3 +453,22 @@ async def test_a_conversation_exports_as_markdown_and_json(upstream, manager):
 
     assert (await client.get(url, {"as": "pdf"})).json()["code"] == "invalid"
     assert (await AsyncClient().get(url)).status_code == 404  # someone else's
+
+
+async def test_conversations_are_searched_by_title_and_text(upstream, manager):
+    client = AsyncClient()
+    upstream.enqueue(Script(chunks=["Cats sleep most of the day."]), Script(chunks=["Paris is in France."]))
+    cats = (await post_chat(client, {"message": "Tell me about my pet"})).json()["session_id"]
+    paris = (await post_chat(client, {"message": "Capital of France?"})).json()["session_id"]
+
+    async def found(query: str) -> list[str]:
+        response = await client.get("/api/conversations/", {"q": query})
+        assert response.status_code == 200
+        return [c["session_id"] for c in response.json()]
+
+    assert await found("cats") == [cats]  # in an answer's text, not the title
+    assert await found("  FRANCE ") == [paris]  # title and text, any case, spaces trimmed
+    assert await found("pet") == [cats]
+    assert await found("zebra") == []
+    assert await found("") == [paris, cats]  # no query: all, newest first
+    assert (await AsyncClient().get("/api/conversations/", {"q": "cats"})).json() == []  # others' stay hidden

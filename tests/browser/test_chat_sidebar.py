@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from playwright.sync_api import expect
 
@@ -148,6 +150,8 @@ def test_desktop_dark_theme_and_keyboard(open_page, upstream):
     # Everything is reachable with the keyboard, with a visible focus ring.
     page.focus("#newChatButton")
     page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.id") == "conversationSearch"
+    page.keyboard.press("Tab")
     focused = page.evaluate("() => document.activeElement.className")
     assert "conversation-open" in focused
     outline = page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle")
@@ -245,3 +249,31 @@ def test_export_downloads_the_open_conversation_and_bubbles_show_when_they_were_
     wait_ready(page)
     titles = [bubble.get_attribute("title") for bubble in page.locator(".message .bubble").all()]
     assert len(titles) == 2 and all(titles)
+
+
+def test_search_groups_and_suggestions(open_page, upstream):
+    upstream.enqueue(Script(chunks=["Waves and wind."]), Script(chunks=["Cats nap a lot."]))
+    page = open_page()
+    suggestions = page.locator("#emptyState .suggestion")
+    expect(suggestions).to_have_count(3)
+    page.click("#emptyState .suggestion >> nth=1")  # sent as if typed
+    expect(page.locator(".message-user .bubble-body")).to_have_text(["Write a haiku about the sea."])
+    wait_answer_finished(page)
+    page.click("#newChatButton")
+    send(page, "Tell me about my pet", streaming=True)
+    wait_answer_finished(page)
+    old = Conversation.objects.get(title="Write a haiku about the sea.")
+    Conversation.objects.filter(pk=old.pk).update(updated_at=old.updated_at - timedelta(days=3))
+    page.reload()
+    wait_ready(page)
+    expect(page.locator(".conversation-group h2")).to_have_text(["Today", "Previous 7 days"])
+
+    page.fill("#conversationSearch", "cats")  # in the answer's text only
+    expect(page.locator(".conversation .conversation-open")).to_have_text(["Tell me about my pet"])
+    page.fill("#conversationSearch", "zebra")
+    expect(page.locator(".conversation")).to_have_count(0)
+    expect(page.locator("#conversationEmpty")).to_have_text("No conversation matches your search.")
+    screenshot(page, "search-no-match")
+    page.fill("#conversationSearch", "")
+    expect(page.locator(".conversation")).to_have_count(2)
+    screenshot(page, "conversations-grouped-by-date")

@@ -319,3 +319,22 @@ test("an answer shows as streamed when it was asked for as a stream, whatever th
   assert.equal(wasStreamed({ transport: "openai", streaming: true }), true);
   assert.equal(wasStreamed({ transport: "", streaming: false }), false);
 });
+
+test("a search lists what the server found, and a slower earlier search does not overwrite it", async () => {
+  const answers = { cat: [{ session_id: "c", title: "Cats" }], catnip: [], "": [] };
+  const slow = {};
+  const api = fakeApi({
+    listConversations: (query) => (query === "cat" ? new Promise((resolve) => (slow.release = resolve)) : answers[query]),
+  });
+  const { chat, changes } = makeChat({ api });
+
+  const first = chat.search(" cat ");
+  await chat.search("catnip");
+  slow.release(answers.cat);
+  await first;
+
+  assert.equal(chat.query, "catnip");
+  assert.deepEqual(chat.conversations, []);
+  assert.deepEqual(api.calls.filter(([name]) => name === "listConversations").map(([, q]) => q), ["cat", "catnip"]);
+  assert.equal(changes.filter(([type]) => type === "conversations").length, 1);
+});

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 
-import { duration, errorText, tooLongText, usageText } from "chatbot/texts";
+import { dateGroup, duration, errorText, tooLongText, usageText } from "chatbot/texts";
 
 test("an anonymous visitor sees their own usage and their address's allowance apart", () => {
   const usage = {
@@ -32,4 +32,14 @@ test("unknown codes get a generic sentence, never the raw code", () => {
   assert.equal(errorText("something_new"), "Something went wrong. Try again.");
   assert.equal(errorText("timeout_total"), "The model took too long to answer. Try again.");
   assert.equal(tooLongText(12, 10), "The message is too long: 12 characters, the limit is 10.");
+});
+
+test("conversations are grouped by when they last changed, by local calendar day", () => {
+  const now = new Date(2026, 11, 2, 9, 30); // 2 December, 9:30 local time
+  assert.equal(dateGroup(new Date(2026, 11, 2, 0, 5), now), "Today");
+  assert.equal(dateGroup(new Date(2026, 11, 1, 23, 59), now), "Yesterday");
+  assert.equal(dateGroup(new Date(2026, 10, 26, 12, 0), now), "Previous 7 days");
+  assert.equal(dateGroup(new Date(2026, 10, 10, 12, 0), now), "Previous 30 days");
+  assert.equal(dateGroup(new Date(2025, 0, 1), now), "Older");
+  assert.equal(dateGroup(new Date(2026, 11, 2, 9, 0).toISOString(), now), "Today"); // the API's ISO strings
 });

@@ -165,8 +165,8 @@ export class ChatApi {
     return response.status === 204 ? null : response.json();
   }
 
-  listConversations() {
-    return this.json("GET", "conversations/");
+  listConversations(query = "") {
+    return this.json("GET", query ? `conversations/?q=${encodeURIComponent(query)}` : "conversations/");
   }
 
   getConversation(sessionId) {

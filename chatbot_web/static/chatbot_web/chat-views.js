@@ -4,10 +4,12 @@
 // Libraries (vendored classic scripts, loaded before the modules): marked, DOMPurify, highlight.js.
 import {
   conversationTitle,
+  dateGroup,
   errorText,
   gettext,
   interpolate,
   loadingText,
+  noConversationsText,
   statusLabel,
   tokenCount,
 } from "chatbot/texts";
@@ -362,16 +364,27 @@ export class ConversationListView {
     this.list = list;
     this.emptyNote = emptyNote;
     this.conversations = [];
+    this.searching = false;
     this.activeId = null;
     this.renaming = false; // a title is being edited: list updates wait until it is done
   }
 
-  render(conversations = this.conversations) {
+  /** The list under date headings (today, yesterday, ...); `searching` words the empty note. */
+  render(conversations = this.conversations, { searching = this.searching } = {}) {
     this.conversations = conversations;
+    this.searching = searching;
     if (this.renaming) return;
     const focused = document.activeElement?.closest?.(".conversation");
     const focusedClass = focused && [...document.activeElement.classList].find((c) => c.startsWith("conversation-"));
-    this.list.replaceChildren(...conversations.map(conversationItem));
+    const items = [];
+    let group = null;
+    for (const conversation of conversations) {
+      const heading = dateGroup(conversation.updated_at);
+      if (heading !== group) items.push(groupHeading((group = heading)));
+      items.push(conversationItem(conversation));
+    }
+    this.list.replaceChildren(...items);
+    this.emptyNote.textContent = noConversationsText(searching);
     this.emptyNote.hidden = conversations.length > 0;
     this.markActive(this.activeId);
     if (focused && focusedClass) this.focus(focused.dataset.sessionId, `.${focusedClass}`);
@@ -430,6 +443,15 @@ export class ConversationListView {
       input.addEventListener("blur", () => finish(true));
     });
   }
+}
+
+function groupHeading(text) {
+  const item = document.createElement("li");
+  item.className = "conversation-group";
+  const heading = document.createElement("h2");
+  heading.textContent = text;
+  item.append(heading);
+  return item;
 }
 
 function conversationItem(conversation) {

@@ -20,6 +20,7 @@ const OFFLINE_RETRY_MS = 30_000; // offline, the `online` event ends the wait; t
 const COPIED_FEEDBACK_MS = 1500;
 const ANNOUNCE_DELAY_MS = 100;
 const DRAWER_MAX_WIDTH_PX = 760; // chat.css's breakpoint: below it the sidebar is a drawer
+const SEARCH_DELAY_MS = 250; // typing pauses this long before the list is searched
 
 const app = document.getElementById("app");
 const ui = Object.fromEntries(
@@ -28,7 +29,7 @@ const ui = Object.fromEntries(
     "conversationList", "conversationEmpty", "usageToday", "streamingCheckbox", "transportSelect",
     "connectionBanner", "messages", "emptyState", "messageList", "scrollToBottom", "composer",
     "messageInput", "charCounter", "stopButton", "sendButton", "composerError", "announcer", "main",
-    "settings", "exportMenu", "exportMarkdown", "exportJson",
+    "settings", "exportMenu", "exportMarkdown", "exportJson", "conversationSearch",
   ].map((id) => [id, document.getElementById(id)]),
 );
 
@@ -185,7 +186,7 @@ function showExport(sessionId) {
   ui.exportMarkdown.href = `${base}?as=markdown`;
   ui.exportJson.href = `${base}?as=json`;
 }
-chat.on("conversations", (conversations) => conversationList.render(conversations));
+chat.on("conversations", (conversations) => conversationList.render(conversations, { searching: Boolean(chat.query) }));
 chat.on("loading", (loading) => {
   if (loading) ui.messages.setAttribute("aria-busy", "true");
   else ui.messages.removeAttribute("aria-busy");
@@ -396,6 +397,22 @@ function copyWithSelection(text) {
   area.remove();
 }
 
+let searchTimer = 0;
+
+function onSearchInput() {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => chat.search(ui.conversationSearch.value), SEARCH_DELAY_MS);
+}
+
+/** An empty chat's suggestion: sent as if typed. */
+function onSuggestionClick(event) {
+  const suggestion = event.target.closest(".suggestion");
+  if (!suggestion || chat.running) return;
+  ui.messageInput.value = suggestion.dataset.prompt;
+  updateCounter();
+  submitMessage();
+}
+
 function onMessageListClick(event) {
   const button = event.target.closest("button");
   if (!button) return;
@@ -455,6 +472,8 @@ function bindEvents() {
   ui.newChatCompactButton.addEventListener("click", startNewChat);
   ui.conversationList.addEventListener("click", onConversationListClick);
   ui.messageList.addEventListener("click", onMessageListClick);
+  ui.emptyState.addEventListener("click", onSuggestionClick);
+  ui.conversationSearch.addEventListener("input", onSearchInput);
   ui.sidebarToggle.addEventListener("click", () => setSidebarOpen(!app.classList.contains("sidebar-open")));
   ui.sidebarBackdrop.addEventListener("click", () => setSidebarOpen(false));
   document.addEventListener("keydown", (event) => {

@@ -194,6 +194,7 @@ export class Chat extends Emitter {
     Object.assign(this, { api, transport, streaming, storage, wait, sessionKey, savedPoll });
     this.sessionId = null;
     this.conversations = [];
+    this.query = ""; // the conversation list's search, "" for all
     this.messages = []; // Question and Answer objects of the open conversation, in order
     this.runs = new Set(); // answers this page is reading right now
     this.loadToken = 0; // guards against a slow conversation load finishing after a newer one
@@ -267,12 +268,22 @@ export class Chat extends Emitter {
   }
 
   async refreshConversations() {
+    const query = this.query;
+    let conversations;
     try {
-      this.conversations = await this.api.listConversations();
+      conversations = await this.api.listConversations(query);
     } catch {
       return; // the list stays as it was; the next refresh will try again
     }
+    if (query !== this.query) return; // a newer search is on its way
+    this.conversations = conversations;
     this.emit("conversations", this.conversations);
+  }
+
+  /** List only the conversations matching `query` (the server searches titles and text). */
+  search(query) {
+    this.query = query.trim();
+    return this.refreshConversations();
   }
 
   async rename(sessionId, title) {

@@ -99,3 +99,20 @@ export function usageText(usage, format = (n) => String(n)) {
   }
   return interpolate(gettext("Usage today: %(used)s of %(allowance)s tokens"), counted, true);
 }
+
+const DAY_MS = 24 * 60 * 60 * 1000;
+
+/** Which heading of the conversation list a conversation last changed at `when` goes under. */
+export function dateGroup(when, now = new Date()) {
+  const startOfToday = new Date(now.getFullYear(), now.getMonth(), now.getDate()).getTime();
+  const time = new Date(when).getTime();
+  if (time >= startOfToday) return gettext("Today");
+  if (time >= startOfToday - DAY_MS) return gettext("Yesterday");
+  if (time >= startOfToday - 7 * DAY_MS) return gettext("Previous 7 days");
+  if (time >= startOfToday - 30 * DAY_MS) return gettext("Previous 30 days");
+  return gettext("Older");
+}
+
+export function noConversationsText(searching) {
+  return searching ? gettext("No conversation matches your search.") : gettext("No conversations yet.");
+}
