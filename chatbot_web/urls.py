@@ -9,7 +9,7 @@ gives the page at /assistant/, the API at /assistant/api/, the OpenAI API at
 """
 
 from django.urls import include, path
-from django.views.i18n import JavaScriptCatalog
+from django.views.i18n import JavaScriptCatalog, set_language
 
 from . import views
 
@@ -20,6 +20,7 @@ urlpatterns = [
     path("api/", include("chatbot_api.urls")),
     path("v1/", include("chatbot_api.openai_api.urls")),  # the OpenAI API, for any OpenAI client
     path("ws/chat/", views.websocket_endpoint, name="websocket"),
+    path("language/", set_language, name="set-language"),  # the settings panel's language choice
     # The page's JavaScript texts, in the language LocaleMiddleware picked for the request.
     path("jsi18n/", JavaScriptCatalog.as_view(packages=["chatbot_web"]), name="javascript-catalog"),
 ]

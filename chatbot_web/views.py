@@ -35,7 +35,7 @@ def chat_page(request, session_id=None):
         request,
         "chatbot_web/chat.html",
         {
-            **page_context(),
+            **page_context(request),
             "api_root": api_root,
             "page_root": reverse("chatbot:chat"),
             "session_id": session_id or "",
@@ -44,10 +44,16 @@ def chat_page(request, session_id=None):
     )
 
 
-def page_context() -> dict:
-    """What every chatbot page's template needs: its layout and the site's sign-in/out URLs."""
+THEME_COOKIE = "chatbot_theme"  # set by the page's theme setting (chat.js)
+THEMES = ("light", "dark")
+
+
+def page_context(request) -> dict:
+    """What every chatbot page's template needs: its layout, its theme, the site's sign-in/out URLs."""
+    theme = request.COOKIES.get(THEME_COOKIE)
     return {
         "base_template": chatbot_setting("BASE_TEMPLATE"),
+        "theme": theme if theme in THEMES else "",
         "login_url": resolve_url(settings.LOGIN_URL),
         "logout_url": _logout_url(),
     }
@@ -92,4 +98,4 @@ class ThrottledLoginView(LoginView):
     template_name = "chatbot_web/login.html"
 
     def get_context_data(self, **kwargs):
-        return {**super().get_context_data(**kwargs), **page_context()}
+        return {**super().get_context_data(**kwargs), **page_context(self.request)}

@@ -277,3 +277,53 @@ def test_search_groups_and_suggestions(open_page, upstream):
     page.fill("#conversationSearch", "")
     expect(page.locator(".conversation")).to_have_count(2)
     screenshot(page, "conversations-grouped-by-date")
+
+
+def test_the_language_is_chosen_in_the_settings_and_remembered(open_page):
+    page = open_page(locale="en-US")
+    expect(page.locator("#messageInput")).to_have_attribute("placeholder", "Write a message…")
+    page.click("#settings summary")
+    with page.expect_navigation():
+        page.select_option("#languageSelect", "it")
+    wait_ready(page)
+    expect(page.locator("#messageInput")).to_have_attribute("placeholder", "Scrivi un messaggio…")
+    expect(page.locator("html")).to_have_attribute("lang", "it")
+    screenshot(page, "language-italian")
+
+    page.reload()  # remembered (a cookie), whatever the browser's own language
+    wait_ready(page)
+    expect(page.locator("#newChatButton")).to_contain_text("Nuova chat")
+    page.click("#settings summary")
+    with page.expect_navigation():
+        page.select_option("#languageSelect", "en")
+    wait_ready(page)
+    expect(page.locator("#newChatButton")).to_contain_text("New chat")
+
+
+def test_the_theme_is_the_systems_unless_chosen_and_is_remembered(open_page, upstream):
+    upstream.enqueue(Script(chunks=["```python\nprint(1)\n```"]))
+    page = open_page(color_scheme="dark")  # the system prefers dark
+    background = "() => getComputedStyle(document.body).backgroundColor"
+    assert page.evaluate(background) == "rgb(15, 18, 23)"
+
+    page.click("#settings summary")
+    page.select_option("#themeSelect", "light")
+    assert page.evaluate(background) == "rgb(246, 247, 249)"
+    send(page, "Code", streaming=True)
+    wait_answer_finished(page)
+    code_colour = "() => getComputedStyle(document.querySelector('.hljs-built_in')).color"
+    assert page.evaluate(code_colour) == "rgb(179, 80, 0)"  # the light theme's, AA on white
+    screenshot(page, "theme-light-chosen-on-a-dark-system")
+
+    page.reload()  # the server renders the chosen theme at once: no dark flash first
+    assert page.evaluate("() => document.documentElement.dataset.theme") == "light"
+    wait_ready(page)
+    assert page.evaluate(background) == "rgb(246, 247, 249)"
+
+    page.click("#settings summary")
+    page.select_option("#themeSelect", "system")
+    assert page.evaluate(background) == "rgb(15, 18, 23)"
+    page.reload()
+    wait_ready(page)
+    assert page.evaluate("() => document.documentElement.dataset.theme") is None
+    expect(page.locator("#themeSelect")).to_have_value("system")

@@ -29,7 +29,8 @@ const ui = Object.fromEntries(
     "conversationList", "conversationEmpty", "usageToday", "streamingCheckbox", "transportSelect",
     "connectionBanner", "messages", "emptyState", "messageList", "scrollToBottom", "composer",
     "messageInput", "charCounter", "stopButton", "sendButton", "composerError", "announcer", "main",
-    "settings", "exportMenu", "exportMarkdown", "exportJson", "conversationSearch",
+    "settings", "exportMenu", "exportMarkdown", "exportJson", "conversationSearch", "languageForm",
+    "languageSelect", "themeSelect", "codeLight", "codeDark",
   ].map((id) => [id, document.getElementById(id)]),
 );
 
@@ -426,6 +427,27 @@ function onMessageListClick(event) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Theme: the system's, or light or dark as chosen; remembered in a cookie so the server
+// renders the next page in it at once (views.page_context).
+
+const THEME_COOKIE = "chatbot_theme";
+const THEME_COOKIE_MAX_AGE = 60 * 60 * 24 * 365;
+const CODE_STYLES = {
+  system: ["not all and (prefers-color-scheme: dark)", "(prefers-color-scheme: dark)"],
+  light: ["all", "not all"],
+  dark: ["not all", "all"],
+};
+
+function setTheme(theme) {
+  const chosen = theme in CODE_STYLES ? theme : "system";
+  if (chosen === "system") delete document.documentElement.dataset.theme;
+  else document.documentElement.dataset.theme = chosen;
+  [ui.codeLight.media, ui.codeDark.media] = CODE_STYLES[chosen];
+  const value = chosen === "system" ? "; max-age=0" : `; max-age=${THEME_COOKIE_MAX_AGE}`;
+  document.cookie = `${THEME_COOKIE}=${chosen}; path=/; SameSite=Lax${value}`;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Layout: the sidebar is a drawer on small screens
 
 const drawerLayout = window.matchMedia(`(max-width: ${DRAWER_MAX_WIDTH_PX}px)`); // as chat.css
@@ -453,6 +475,8 @@ function bindEvents() {
     stored.set(STORAGE_KEYS.streaming, ui.streamingCheckbox.checked ? "1" : "0");
     updateControls();
   });
+  ui.languageSelect.addEventListener("change", () => ui.languageForm.submit()); // the page comes back translated
+  ui.themeSelect.addEventListener("change", () => setTheme(ui.themeSelect.value));
   ui.transportSelect.addEventListener("change", () => {
     stored.set(STORAGE_KEYS.transport, ui.transportSelect.value);
   });
