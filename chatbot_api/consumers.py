@@ -85,7 +85,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 await task
 
     async def _chat(self, content):
-        fields = ("message", "session_id", "answer_id")
+        fields = ("message", "session_id", "answer_id", "model")
         serializer = ChatRequestSerializer(data={key: content[key] for key in fields if key in content})
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
@@ -95,6 +95,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             session_id=data.get("session_id"),
             transport="websocket",
             answer_id=data.get("answer_id"),
+            model=data.get("model"),
         )
         await self._accept_and_follow(content, turn)
 

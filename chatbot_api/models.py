@@ -21,6 +21,8 @@ class Conversation(models.Model):
     )
     session_key = models.CharField(max_length=40, blank=True, db_index=True)
     title = models.CharField(max_length=200, blank=True)
+    # The model its answers are asked of, when the user picked one ("": the configured default).
+    model = models.CharField(max_length=200, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True, db_index=True)
 

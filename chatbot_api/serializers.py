@@ -42,6 +42,13 @@ class ChatRequestSerializer(serializers.Serializer):
         help_text="The id the new answer gets (a UUID the client makes): it can be stopped by it "
         "before the answer comes back. 409 if it is taken.",
     )
+    model = StrictCharField(
+        required=False,
+        min_length=1,
+        max_length=200,
+        help_text="One of GET /api/models/ (404 model_not_found otherwise); remembered by the "
+        "conversation. Default: the conversation's, else the configured one.",
+    )
 
 
 class RegenerateRequestSerializer(serializers.Serializer):
@@ -103,8 +110,8 @@ class ConversationSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = Conversation
-        fields = ["session_id", "title", "created_at", "updated_at"]
-        read_only_fields = ["session_id", "created_at", "updated_at"]
+        fields = ["session_id", "title", "model", "created_at", "updated_at"]
+        read_only_fields = ["session_id", "model", "created_at", "updated_at"]
 
 
 class ConversationDetailSerializer(ConversationSerializer):
@@ -201,3 +208,8 @@ class TokenRequestSerializer(AuthTokenSerializer):
     password = serializers.CharField(
         min_length=1, max_length=4096, trim_whitespace=False, style={"input_type": "password"}
     )
+
+
+class ModelListSerializer(serializers.Serializer):
+    default = serializers.CharField(help_text="The model answers use unless one is picked.")
+    models = serializers.ListField(child=serializers.CharField(), help_text="The default first.")

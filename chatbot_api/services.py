@@ -59,6 +59,7 @@ async def chat_start(
     transport: str = "json",
     streaming: bool = False,
     answer_id: UUID | None = None,
+    model: str | None = None,
 ) -> Turn:
     """Save the user's message, create the answer and start generating it in the background.
 
@@ -69,16 +70,31 @@ async def chat_start(
     """
     provider = get_provider()
     conversation = await conversation_get(owner=owner, conversation_id=session_id) if session_id else None
+    if model:
+        await require_model(provider, model)
+    else:
+        model = conversation.model if conversation else ""
     prompt = await build_prompt(provider=provider, conversation=conversation, text=text)
     return await _start_answer(
         owner=owner,
         provider=provider,
         prompt=prompt,
         transport=transport,
-        create=partial(_create_turn, owner=owner, conversation=conversation, text=text, provider=provider),
+        create=partial(
+            _create_turn, owner=owner, conversation=conversation, text=text, provider=provider, picked=model
+        ),
         answer_id=answer_id,
         streaming=streaming or transport != "json",
+        model=model or None,
     )
+
+
+async def require_model(provider: Provider, model: str) -> None:
+    """`NotFound` unless this server can answer with `model`."""
+    if model != provider.model_id and model not in await provider.list_models():
+        raise NotFound(
+            f"The model {model!r} does not exist here: GET /api/models/ lists them.", code="model_not_found"
+        )
 
 
 async def answer_regenerate(
@@ -117,6 +133,7 @@ async def answer_regenerate(
         create=partial(_replace_answer, old_answer=old_answer, question=question, provider=provider),
         answer_id=answer_id,
         streaming=transport != "json",
+        model=conversation.model or None,
     )
 
 
@@ -143,10 +160,7 @@ async def completion_start(
         raise ChatbotError(
             f"The {provider.name} provider does not support stop sequences.", code="unsupported"
         )
-    if model != provider.model_id and model not in await provider.list_models():
-        raise NotFound(
-            f"The model {model!r} does not exist here: GET /v1/models lists them.", code="model_not_found"
-        )
+    await require_model(provider, model)
     system = [m["content"] for m in messages if m["role"] == "system"]
     system_prompt = "\n\n".join(system) if system else None
     question = messages[-1]["content"]
@@ -246,6 +260,7 @@ async def _start_answer(
             user_id=owner.user_id,
             session_key=owner.session_key or "",
             holds_slot=holds_slot,
+            model=assistant_message.model,
         ),
         provider=provider,
         stream=stream,
@@ -305,13 +320,21 @@ def _create_turn(
     text: str,
     provider: Provider,
     history: list[dict] = (),
+    picked: str = "",
     **charge,
 ):
-    """The question (after `history`'s earlier turns, for a new conversation) and a pending answer."""
+    """The question (after `history`'s earlier turns, for a new conversation) and a pending answer.
+
+    `picked`: the model the user chose, which the conversation remembers."""
     with transaction.atomic():
         if conversation is None:
             first = next((m["content"] for m in history if m["role"] == "user"), text)
-            conversation = Conversation.objects.create(title=_title(first), **owner.create_kwargs)
+            conversation = Conversation.objects.create(
+                title=_title(first), model=picked, **owner.create_kwargs
+            )
+        elif picked != conversation.model:
+            Conversation.objects.filter(pk=conversation.pk).update(model=picked)
+            conversation.model = picked
         _save_history(conversation, history)
         user_message = Message.objects.create(
             conversation=conversation, role=Message.Role.USER, content=text, status=Status.COMPLETE

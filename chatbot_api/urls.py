@@ -22,6 +22,7 @@ urlpatterns = [
         views.ConversationExportView.as_view(),
         name="conversation-export",
     ),
+    path("models/", views.ModelsView.as_view(), name="models"),
     path("usage/", views.UsageView.as_view(), name="usage"),
     path("token/", views.TokenView.as_view(), name="token"),
     path("schema/", views.SchemaView.as_view(), name="schema"),

@@ -26,6 +26,7 @@ from .identity import owner_for
 from .models import Message
 from .parsers import SafeJSONParser
 from .permissions import ChatAccess
+from .providers import get_provider
 from .serializers import (
     ChatRequestSerializer,
     ChatResponseSerializer,
@@ -33,6 +34,7 @@ from .serializers import (
     ConversationSerializer,
     ConversationUpdateSerializer,
     MessageSerializer,
+    ModelListSerializer,
     RegenerateRequestSerializer,
     StopResponseSerializer,
     StreamEventSerializer,
@@ -124,6 +126,7 @@ class ChatView(ApiView):
             transport=transport,
             streaming=data["streaming"],
             answer_id=data.get("answer_id"),
+            model=data.get("model"),
         )
         return await answer_response(turn, transport=transport, is_streaming=data["streaming"])
 
@@ -283,6 +286,15 @@ class TokenView(ApiPolicy, ObtainAuthToken):
                 headers={"Retry-After": str(throttled.retry_after)},
             ) from None
         return super().post(request, *args, **kwargs)
+
+
+class ModelsView(ApiView):
+    @extend_schema(responses=ModelListSerializer)
+    async def get(self, request):
+        """The models answers can be asked of: the configured default, then any the provider lists."""
+        await owner_for(request)
+        provider = get_provider()
+        return Response({"default": provider.model_id, "models": await provider.list_models()})
 
 
 class UsageView(ApiView):

@@ -472,3 +472,24 @@ async def test_conversations_are_searched_by_title_and_text(upstream, manager):
     assert await found("zebra") == []
     assert await found("") == [paris, cats]  # no query: all, newest first
     assert (await AsyncClient().get("/api/conversations/", {"q": "cats"})).json() == []  # others' stay hidden
+
+
+async def test_a_picked_model_answers_and_the_conversation_remembers_it(upstream, manager):
+    client = AsyncClient()
+    upstream.models = ["llama3.2:1b", "qwen2.5:0.5b"]
+    listed = (await client.get("/api/models/")).json()
+    assert listed == {"default": "gpt-4.1-nano", "models": ["gpt-4.1-nano", "llama3.2:1b", "qwen2.5:0.5b"]}
+
+    first = (await post_chat(client, {"message": "Hi", "model": "qwen2.5:0.5b"})).json()
+    assert first["model"] == "qwen2.5:0.5b" and upstream.history[-1].model == "qwen2.5:0.5b"
+    second = (await post_chat(client, {"message": "Again", "session_id": first["session_id"]})).json()
+    assert second["model"] == "qwen2.5:0.5b"  # remembered by the conversation
+    conversation = (await client.get(f"/api/conversations/{first['session_id']}")).json()
+    assert conversation["model"] == "qwen2.5:0.5b"
+
+    regenerated = (await client.post(f"/api/messages/{second['message_id']}/regenerate")).json()
+    assert regenerated["model"] == "qwen2.5:0.5b" and upstream.history[-1].model == "qwen2.5:0.5b"
+
+    refused = await post_chat(client, {"message": "x", "session_id": first["session_id"], "model": "gpt-9"})
+    assert refused.status_code == 404 and refused.json()["code"] == "model_not_found"
+    assert await Message.objects.filter(conversation_id=first["session_id"]).acount() == 4  # nothing saved

@@ -47,6 +47,7 @@ class GenerationRequest:
     user_id: int | None = None
     session_key: str = ""
     holds_slot: bool = False  # a concurrency slot to give back when the answer ends
+    model: str = ""  # the model asked, when not the provider's default
 
 
 @dataclass(slots=True)
@@ -95,6 +96,10 @@ class Generation:
         self.cancel_reason: str | None = None
 
     @property
+    def model(self) -> str:
+        return self.request.model or self.provider.model_id
+
+    @property
     def message_id(self) -> UUID:
         return self.request.message_id
 
@@ -115,7 +120,7 @@ class Generation:
                 {
                     "session_id": str(self.request.conversation_id),
                     "message_id": str(self.message_id),
-                    "model": self.provider.model_id,
+                    "model": self.model,
                     "provider": self.provider.name,
                 },
             )
@@ -247,7 +252,7 @@ class Generation:
             self.message_id,
             self.request.conversation_id,
             self.provider.name,
-            self.provider.model_id,
+            self.model,
             outcome.status,
             outcome.usage.prompt_tokens if outcome.usage else None,
             outcome.usage.completion_tokens if outcome.usage else None,
@@ -265,7 +270,7 @@ class Generation:
             session_key=self.request.session_key,
             client_key=self.request.client_key,
             provider=self.provider.name,
-            model=self.provider.model_id,
+            model=self.model,
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             estimated=usage.estimated if usage else False,

@@ -247,8 +247,9 @@ def test_export_downloads_the_open_conversation_and_bubbles_show_when_they_were_
         assert bubble.get_attribute("title")  # e.g. "2 Dec 2026, 15:04"
     page.reload()
     wait_ready(page)
+    expect(page.locator(".message .bubble")).to_have_count(2)  # the conversation is loaded again
     titles = [bubble.get_attribute("title") for bubble in page.locator(".message .bubble").all()]
-    assert len(titles) == 2 and all(titles)
+    assert all(titles)
 
 
 def test_search_groups_and_suggestions(open_page, upstream):
@@ -327,3 +328,33 @@ def test_the_theme_is_the_systems_unless_chosen_and_is_remembered(open_page, ups
     wait_ready(page)
     assert page.evaluate("() => document.documentElement.dataset.theme") is None
     expect(page.locator("#themeSelect")).to_have_value("system")
+
+
+def test_the_model_picker_appears_for_several_models_and_each_conversation_keeps_its_own(open_page, upstream):
+    upstream.models = ["llama3.2:1b"]
+    upstream.enqueue(Script(chunks=["From llama."]), Script(chunks=["From the default."]))
+    page = open_page()
+    expect(page.locator("#modelPicker")).to_be_visible()
+    expect(page.locator("#modelSelect")).to_have_value("gpt-4.1-nano")  # the configured default first
+
+    page.select_option("#modelSelect", "llama3.2:1b")
+    send(page, "Hi llama", streaming=True)
+    wait_answer_finished(page)
+    assert upstream.history[-1].model == "llama3.2:1b"
+    expect(page.locator(".message-assistant .message-facts")).to_contain_text("llama3.2:1b")
+    screenshot(page, "model-picker")
+
+    page.click("#newChatButton")
+    expect(page.locator("#modelSelect")).to_have_value("gpt-4.1-nano")
+    send(page, "Hi default", streaming=True)
+    wait_answer_finished(page)
+    assert upstream.history[-1].model == "gpt-4.1-nano"
+
+    llama = Conversation.objects.get(model="llama3.2:1b")
+    page.click(f'.conversation[data-session-id="{llama.id}"] .conversation-open')
+    expect(page.locator("#modelSelect")).to_have_value("llama3.2:1b")
+
+
+def test_no_model_picker_when_there_is_one_model(open_page):
+    page = open_page()
+    expect(page.locator("#modelPicker")).to_be_hidden()

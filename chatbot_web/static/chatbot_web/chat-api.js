@@ -202,15 +202,24 @@ export class ChatApi {
    * The seed's JSON mode: one request, the whole answer. Answers that failed while being
    * written still come back as a body (with message_id, status, code), not as an exception.
    */
-  sendJson({ message, sessionId, answerId, signal }) {
-    const body = chatBody(message, sessionId, false);
+  /** The models answers can be asked of ({default, models}), or null when the server has no list. */
+  async models() {
+    try {
+      return await this.json("GET", "models/");
+    } catch {
+      return null;
+    }
+  }
+
+  sendJson({ message, sessionId, model, answerId, signal }) {
+    const body = chatBody(message, sessionId, false, model);
     if (answerId) body.answer_id = answerId;
     return this.answerJson("chat/", { body, signal });
   }
 
   /** Send a message and stream its answer as SSE on the same response. */
-  streamChat({ message, sessionId, signal, onEvent }) {
-    return this.streamAnswer("chat/", { body: chatBody(message, sessionId, true), signal }, onEvent);
+  streamChat({ message, sessionId, model, signal, onEvent }) {
+    return this.streamAnswer("chat/", { body: chatBody(message, sessionId, true, model), signal }, onEvent);
   }
 
   /** Replace the last answer with a new one to the same question, as sendJson answers. */
@@ -249,9 +258,10 @@ function regeneratePath(messageId) {
   return `messages/${encodeURIComponent(messageId)}/regenerate`;
 }
 
-function chatBody(message, sessionId, streaming) {
+function chatBody(message, sessionId, streaming, model) {
   const body = { message, streaming };
   if (sessionId) body.session_id = sessionId;
+  if (model) body.model = model;
   return body;
 }
 
@@ -271,9 +281,10 @@ export class ChatSocket {
   }
 
   /** Send a message and follow its answer. */
-  streamChat({ message, sessionId, signal, onEvent }) {
+  streamChat({ message, sessionId, model, signal, onEvent }) {
     const frame = { type: "chat", message };
     if (sessionId) frame.session_id = sessionId;
+    if (model) frame.model = model;
     return this.startAnswer(frame, signal, onEvent);
   }
 

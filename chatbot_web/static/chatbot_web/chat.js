@@ -30,7 +30,7 @@ const ui = Object.fromEntries(
     "connectionBanner", "messages", "emptyState", "messageList", "scrollToBottom", "composer",
     "messageInput", "charCounter", "stopButton", "sendButton", "composerError", "announcer", "main",
     "settings", "exportMenu", "exportMarkdown", "exportJson", "conversationSearch", "languageForm",
-    "languageSelect", "themeSelect", "codeLight", "codeDark",
+    "languageSelect", "themeSelect", "codeLight", "codeDark", "modelPicker", "modelSelect",
   ].map((id) => [id, document.getElementById(id)]),
 );
 
@@ -108,6 +108,7 @@ function waitBeforeRetry(attempt, signal, retryAfterSeconds = null) {
 
 const chat = new Chat({
   api,
+  model: () => (ui.modelPicker.hidden ? null : ui.modelSelect.value),
   transport: () => transports[ui.transportSelect.value] ?? transports.sse,
   streaming: () => ui.streamingCheckbox.checked,
   storage: stored,
@@ -176,7 +177,32 @@ chat.on("session", (sessionId) => {
   conversationList.markActive(sessionId);
   address.show(sessionId);
   showExport(sessionId);
+  models.showFor(sessionId);
 });
+chat.on("conversations", () => models.showFor(chat.sessionId));
+
+/** The model picker: shown when the server can answer with several; each conversation keeps its pick. */
+const models = {
+  default: "",
+
+  async load() {
+    const listed = await api.models();
+    if (!listed || listed.models.length < 2) return;
+    this.default = listed.default;
+    ui.modelSelect.replaceChildren(
+      ...listed.models.map((name) => Object.assign(document.createElement("option"), { value: name, textContent: name })),
+    );
+    ui.modelPicker.hidden = false;
+    this.showFor(chat.sessionId);
+  },
+
+  showFor(sessionId) {
+    if (ui.modelPicker.hidden) return;
+    const conversation = chat.conversations.find((c) => c.session_id === sessionId);
+    const model = conversation?.model || this.default;
+    if ([...ui.modelSelect.options].some((option) => option.value === model)) ui.modelSelect.value = model;
+  },
+};
 
 /** The export menu offers the open conversation's files (none for a new chat). */
 function showExport(sessionId) {
@@ -525,6 +551,7 @@ updateCounter();
 updateControls();
 updateConnection();
 chat.refreshConversations();
+models.load();
 refreshUsage();
 if (app.dataset.sessionId) chat.open(app.dataset.sessionId); // a conversation's link
 else chat.restore(); // the page's address: the conversation open last time, if any

@@ -185,13 +185,23 @@ export class AnswerRun extends Emitter {
  *   streaming()  whether answers are streamed (the seed's checkbox)
  *   storage      {get(key), set(key, value)} to remember the open conversation
  *   wait(attempt, signal, retryAfter)  resolves when it is time to reconnect
+ *   model()      the model picked for the next question, or null
  * Events: "session" (id), "conversations" (list), "messages" ({messages, reason}),
  * "loading" (bool), "runs" (), "finished" (answer), "refused" ({error, question}), "error" (error).
  */
 export class Chat extends Emitter {
-  constructor({ api, transport, streaming, storage, wait, sessionKey = "chatbot.sessionId", savedPoll = SAVED_POLL }) {
+  constructor({
+    api,
+    transport,
+    streaming,
+    storage,
+    wait,
+    model = () => null,
+    sessionKey = "chatbot.sessionId",
+    savedPoll = SAVED_POLL,
+  }) {
     super();
-    Object.assign(this, { api, transport, streaming, storage, wait, sessionKey, savedPoll });
+    Object.assign(this, { api, transport, streaming, storage, wait, model, sessionKey, savedPoll });
     this.sessionId = null;
     this.conversations = [];
     this.query = ""; // the conversation list's search, "" for all
@@ -320,9 +330,10 @@ export class Chat extends Emitter {
     const answer = new Answer({ streamed: this.streaming() });
     this.setMessages([...this.messages, question, answer], "send");
     const sessionId = this.sessionId;
+    const model = this.model() || undefined; // none: the conversation's, else the server's default
     this.requestAnswer(answer, { question }, {
-      stream: (transport, options) => transport.streamChat({ message: text, sessionId, ...options }),
-      json: (options) => this.api.sendJson({ message: text, sessionId, ...options }),
+      stream: (transport, options) => transport.streamChat({ message: text, sessionId, model, ...options }),
+      json: (options) => this.api.sendJson({ message: text, sessionId, model, ...options }),
     });
     return true;
   }
