@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('chatbot_api', '0004_answer_transport'),
+        ("chatbot_api", "0004_answer_transport"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='conversation',
-            name='model',
+            model_name="conversation",
+            name="model",
             field=models.CharField(blank=True, max_length=200),
         ),
     ]
