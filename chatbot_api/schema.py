@@ -66,7 +66,12 @@ ERROR_DESCRIPTIONS = {
     "504": "A generation time limit was hit.",
 }
 # Operations that start an answer: the limits, the model server and its time limits apply.
-ANSWER_OPERATIONS = {"api_chat_create", "api_messages_regenerate_create", "openai_chat_completions"}
+ANSWER_OPERATIONS = {
+    "api_chat_create",
+    "api_messages_regenerate_create",
+    "api_messages_edit_create",
+    "openai_chat_completions",
+}
 STREAM_TYPES = ("text/event-stream", "application/x-ndjson")
 
 

@@ -51,6 +51,11 @@ class ChatRequestSerializer(serializers.Serializer):
     )
 
 
+class EditRequestSerializer(serializers.Serializer):
+    message = StrictCharField(min_length=1, max_length=1000, validators=[NOT_BLANK])
+    answer_id = serializers.UUIDField(required=False, help_text="As for POST /api/chat/.")
+
+
 class RegenerateRequestSerializer(serializers.Serializer):
     answer_id = serializers.UUIDField(required=False, help_text="As for POST /api/chat/.")
 
@@ -64,6 +69,7 @@ class TokenUsageSerializer(serializers.Serializer):
 class ChatResponseSerializer(serializers.Serializer):
     response = serializers.CharField(allow_blank=True)
     session_id = serializers.CharField()
+    question_id = serializers.UUIDField(required=False, help_text="The question this answers.")
     success = serializers.BooleanField()
     is_streaming = serializers.BooleanField(default=False)
     is_final = serializers.BooleanField(default=True)

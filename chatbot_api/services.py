@@ -137,6 +137,53 @@ async def answer_regenerate(
     )
 
 
+async def question_edit(
+    *, owner: Owner, message_id, text: str, transport: str = "json", answer_id: UUID | None = None
+) -> Turn:
+    """Send an edited question in place of a sent one: it and every later turn are replaced.
+
+    The answer is generated from the history before the question, as if the later turns
+    had never been. Refused (409) while an answer of the conversation is being written.
+    """
+    question = await message_get(owner=owner, message_id=message_id)
+    if question.role != Message.Role.USER:
+        raise ChatbotError("Only a question can be edited.", code="invalid")
+    conversation = question.conversation
+    if await conversation.messages.filter(status__in=Message.LIVE_STATUSES).aexists():
+        raise ChatbotError("An answer is being written: stop it first.", code="conflict", status_code=409)
+    provider = get_provider()
+    prompt = await build_prompt(
+        provider=provider, conversation=conversation, text=text, before=question.created_at
+    )
+    return await _start_answer(
+        owner=owner,
+        provider=provider,
+        prompt=prompt,
+        transport=transport,
+        create=partial(_edit_turn, question=question, owner=owner, text=text, provider=provider),
+        answer_id=answer_id,
+        streaming=transport != "json",
+        model=conversation.model or None,
+    )
+
+
+def _edit_turn(*, question: Message, owner: Owner, text: str, provider: Provider, **charge):
+    with transaction.atomic():
+        # Locked so that of two edits (or an edit and a regenerate) one wins, the other gets 409.
+        if not Message.objects.select_for_update().filter(pk=question.pk).exists():
+            raise ChatbotError("This question was already replaced.", code="conflict", status_code=409)
+        conversation = question.conversation
+        conversation.messages.filter(created_at__gte=question.created_at).delete()
+        return _create_turn(
+            owner=owner,
+            conversation=conversation,
+            text=text,
+            provider=provider,
+            picked=conversation.model,
+            **charge,
+        )
+
+
 async def completion_start(
     *,
     owner: Owner,
@@ -261,6 +308,7 @@ async def _start_answer(
             session_key=owner.session_key or "",
             holds_slot=holds_slot,
             model=assistant_message.model,
+            question_id=user_message.id,
         ),
         provider=provider,
         stream=stream,

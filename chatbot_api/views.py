@@ -33,6 +33,7 @@ from .serializers import (
     ConversationDetailSerializer,
     ConversationSerializer,
     ConversationUpdateSerializer,
+    EditRequestSerializer,
     MessageSerializer,
     ModelListSerializer,
     RegenerateRequestSerializer,
@@ -143,6 +144,7 @@ async def answer_response(turn: services.Turn, *, transport: str, is_streaming: 
         "response": answer.text,
         "session_id": str(turn.conversation.id),
         "message_id": str(turn.assistant_message.id),
+        "question_id": str(turn.user_message.id),
         "success": answer.terminal.type == "done",
         "is_streaming": is_streaming,
         "is_final": True,
@@ -205,6 +207,37 @@ def after_from(request) -> int:
 
 
 MAX_SEQ = 2**53
+
+
+class MessageEditView(ApiView):
+    renderer_classes = ChatView.renderer_classes
+
+    @extend_schema(
+        request=EditRequestSerializer,
+        responses={
+            (200, "application/json"): ChatResponseSerializer,
+            (200, "text/event-stream"): OpenApiResponse(
+                StreamEventSerializer, description=EVENTS_DESCRIPTION
+            ),
+            (200, "application/x-ndjson"): OpenApiResponse(
+                StreamEventSerializer, description=EVENTS_DESCRIPTION
+            ),
+            409: OpenApiResponse(description="An answer of the conversation is being written."),
+        },
+    )
+    async def post(self, request, message_id):
+        """Send an edited question in place of a sent one; it and every later turn are replaced."""
+        serializer = EditRequestSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        transport = request.accepted_renderer.format
+        turn = await services.question_edit(
+            owner=await owner_for(request),
+            message_id=message_id,
+            text=serializer.validated_data["message"],
+            transport=transport,
+            answer_id=serializer.validated_data.get("answer_id"),
+        )
+        return await answer_response(turn, transport=transport, is_streaming=transport != "json")
 
 
 class MessageEventsView(ApiView):

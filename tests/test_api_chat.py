@@ -6,9 +6,9 @@ import pytest
 from django.test import AsyncClient
 
 from chatbot_api.models import Conversation, Message
-from tests.support.clients import post_chat
+from tests.support.clients import post_chat, start_sse
 from tests.support.fake_openai import Script
-from tests.support.sse import parse_sse
+from tests.support.sse import parse_sse, read_frames
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.asyncio]
 
@@ -493,3 +493,47 @@ async def test_a_picked_model_answers_and_the_conversation_remembers_it(upstream
     refused = await post_chat(client, {"message": "x", "session_id": first["session_id"], "model": "gpt-9"})
     assert refused.status_code == 404 and refused.json()["code"] == "model_not_found"
     assert await Message.objects.filter(conversation_id=first["session_id"]).acount() == 4  # nothing saved
+
+
+async def test_an_edited_question_replaces_it_and_every_later_turn(upstream, manager):
+    client = AsyncClient()
+    upstream.enqueue(Script(chunks=["One."]), Script(chunks=["Two."]), Script(chunks=["Edited answer."]))
+    first = (await post_chat(client, {"message": "First question"})).json()
+    session = first["session_id"]
+    second = (await post_chat(client, {"message": "Second question", "session_id": session})).json()
+    assert second["question_id"]
+
+    response = await client.post(
+        f"/api/messages/{first['question_id']}/edit",
+        {"message": "First question, edited"},
+        content_type="application/json",
+    )
+
+    body = response.json()
+    assert response.status_code == 200 and body["response"] == "Edited answer."
+    stored = [
+        (m.role, m.content)
+        async for m in Message.objects.filter(conversation_id=session).order_by("created_at")
+    ]
+    assert stored == [("user", "First question, edited"), ("assistant", "Edited answer.")]
+    sent = [m["content"] for m in upstream.history[-1].messages if m["role"] != "system"]
+    assert sent == ["First question, edited"]  # the later turns are not in the model's context either
+    assert (
+        await client.post(
+            f"/api/messages/{second['question_id']}/edit", {"message": "x"}, content_type="application/json"
+        )
+    ).status_code == 404  # replaced: gone
+    assert (
+        await client.post(
+            f"/api/messages/{body['message_id']}/edit", {"message": "x"}, content_type="application/json"
+        )
+    ).json()["code"] == "invalid"  # an answer is not a question
+
+
+async def test_the_stream_names_the_question_so_the_page_can_edit_it(upstream, manager):
+    client = AsyncClient()
+    upstream.enqueue(Script(chunks=["Hi"]))
+    frames = await read_frames(await start_sse(client, {"message": "Hello"}))
+    question = await Message.objects.aget(role="user", content="Hello")
+    meta = frames[0][1]["data"]
+    assert meta["type"] == "meta" and meta["question_id"] == str(question.id)

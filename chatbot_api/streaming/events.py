@@ -3,7 +3,7 @@
 Each event is a JSON object with a `type`, the `message_id` and a `seq` strictly
 increasing per message (1, 2, 3, ...):
 
-    meta     {session_id, message_id, model, provider}
+    meta     {session_id, message_id, model, provider, question_id (live streams)}
     delta    {text}
     snapshot {text}: the whole text up to this seq (replaces what the client has)
     usage    {prompt_tokens, completion_tokens, estimated}

@@ -48,6 +48,7 @@ class GenerationRequest:
     session_key: str = ""
     holds_slot: bool = False  # a concurrency slot to give back when the answer ends
     model: str = ""  # the model asked, when not the provider's default
+    question_id: UUID | None = None  # the question answered (the client may edit it later)
 
 
 @dataclass(slots=True)
@@ -122,6 +123,7 @@ class Generation:
                     "message_id": str(self.message_id),
                     "model": self.model,
                     "provider": self.provider.name,
+                    **({"question_id": str(self.request.question_id)} if self.request.question_id else {}),
                 },
             )
             await self._read_stream(started)

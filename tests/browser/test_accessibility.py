@@ -105,3 +105,13 @@ def test_axe_finds_nothing_on_the_sign_in_page(open_page, scheme):
     page = open_page(path="/login/", color_scheme=scheme)
     page.wait_for_selector("form.login-form")
     assert axe_violations(page) == []
+
+
+def test_axe_finds_nothing_while_a_question_is_edited(open_page, upstream):
+    upstream.enqueue(Script(chunks=["An answer."]))
+    page = open_page(color_scheme="dark")
+    send(page, "A question", streaming=True)
+    wait_answer_finished(page)
+    page.locator(".message-user .edit-question").click()
+    expect(page.locator(".edit-form textarea")).to_be_focused()
+    assert axe_violations(page) == []

@@ -358,3 +358,35 @@ def test_the_model_picker_appears_for_several_models_and_each_conversation_keeps
 def test_no_model_picker_when_there_is_one_model(open_page):
     page = open_page()
     expect(page.locator("#modelPicker")).to_be_hidden()
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_sent_question_is_edited_and_sent_again_replacing_the_later_turns(open_page, upstream, streaming):
+    upstream.enqueue(Script(chunks=["One."]), Script(chunks=["Two."]), Script(chunks=["Edited answer."]))
+    page = open_page()
+    send(page, "First question", streaming=streaming)
+    wait_answer_finished(page)
+    send(page, "Second question", streaming=streaming)
+    wait_answer_finished(page)
+
+    page.locator(".message-user").first.hover()
+    page.locator(".message-user >> nth=0 >> .edit-question").click()
+    editor = page.locator(".edit-form textarea")
+    expect(editor).to_have_value("First question")
+    expect(page.locator(".edit-note")).to_have_text("The answers after this question will be replaced.")
+    screenshot(page, f"edit-question-{'stream' if streaming else 'json'}")
+    editor.fill("First question, edited")
+    editor.press("Enter")
+
+    wait_answer_finished(page)
+    expect(page.locator(".message-user .bubble-body")).to_have_text(["First question, edited"])
+    expect(page.locator(".message-assistant .bubble-body")).to_have_text(["Edited answer."])
+    stored = [(m.role, m.content) for m in Message.objects.order_by("created_at")]
+    assert stored == [("user", "First question, edited"), ("assistant", "Edited answer.")]
+
+    page.locator(".message-user >> nth=0 >> .edit-question").click()  # Escape cancels an edit
+    page.locator(".edit-form textarea").press("Escape")
+    expect(page.locator(".message-user .bubble-body")).to_have_text(["First question, edited"])
+    page.reload()
+    wait_ready(page)
+    expect(page.locator(".message-user .bubble-body")).to_have_text(["First question, edited"])

@@ -338,3 +338,40 @@ test("a search lists what the server found, and a slower earlier search does not
   assert.deepEqual(api.calls.filter(([name]) => name === "listConversations").map(([, q]) => q), ["cat", "catnip"]);
   assert.equal(changes.filter(([type]) => type === "conversations").length, 1);
 });
+
+test("an edited question replaces it and the later turns; a refusal puts them all back", async () => {
+  const api = fakeApi({
+    getConversation: { messages: [
+      { role: "user", id: "q1", content: "First" },
+      { role: "assistant", id: "a1", content: "One", status: "complete", model: "fake" },
+      { role: "user", id: "q2", content: "Second" },
+      { role: "assistant", id: "a2", content: "Two", status: "complete", model: "fake" },
+    ] },
+  });
+  const edits = [];
+  api.streamEdit = async (options) => {
+    edits.push(options);
+    await null;
+    if (edits.length === 1) throw new ApiError({ code: "conflict", status: 409 });
+    options.onEvent({ ...meta("a3"), question_id: "q3" });
+    options.onEvent(delta(2, "Edited."));
+    options.onEvent(done(3));
+  };
+  const { chat } = makeChat({ api });
+  await chat.open("s1");
+  const [first] = chat.messages;
+  const before = chat.messages;
+
+  assert.equal(chat.edit(first, "First, again"), true);
+  await until(() => !chat.running);
+  assert.equal(chat.messages, before, "refused: the conversation is as it was");
+
+  chat.edit(first, "First, again");
+  const edited = chat.messages[0];
+  assert.deepEqual(chat.messages.map((m) => m.text), ["First, again", ""]);
+  await until(() => !chat.running);
+  assert.deepEqual(chat.messages.map((m) => m.text), ["First, again", "Edited."]);
+  assert.equal(edited.id, "q3", "the stream named the new question: it can be edited in turn");
+  assert.deepEqual([edits[1].questionId, edits[1].message], ["q1", "First, again"]);
+  assert.equal(chat.edit(before[2], "gone"), false, "a replaced question cannot be edited");
+});

@@ -232,6 +232,17 @@ export class ChatApi {
     return this.streamAnswer(regeneratePath(messageId), { signal }, onEvent);
   }
 
+  /** Send an edited question in place of a sent one (later turns are replaced), streamed. */
+  streamEdit({ questionId, message, signal, onEvent }) {
+    return this.streamAnswer(editPath(questionId), { body: { message }, signal }, onEvent);
+  }
+
+  /** The same, as the seed's JSON. */
+  editJson({ questionId, message, answerId, signal }) {
+    const body = { message, ...(answerId ? { answer_id: answerId } : {}) };
+    return this.answerJson(editPath(questionId), { body, signal });
+  }
+
   async answerJson(path, options) {
     try {
       return await this.json("POST", path, options);
@@ -252,6 +263,10 @@ export class ChatApi {
     const response = await this.request("GET", path, { accept: "text/event-stream", signal });
     await readEventStream(response, onEvent);
   }
+}
+
+function editPath(questionId) {
+  return `messages/${encodeURIComponent(questionId)}/edit`;
 }
 
 function regeneratePath(messageId) {

@@ -209,7 +209,11 @@ function questionItem(question) {
   const body = document.createElement("div");
   body.className = "bubble-body";
   body.textContent = question.text; // the user's own text is shown as typed, never parsed as HTML
+  const actions = document.createElement("div");
+  actions.className = "question-actions";
+  actions.append(actionButton("edit-question", "✎", gettext("Edit"), gettext("Edit and send again")));
   item.querySelector(".bubble").append(body);
+  item.append(actions);
   return item;
 }
 
@@ -342,6 +346,56 @@ export class MessageListView {
       this.messages.set(item, message);
     }
     return item;
+  }
+
+  /** Edit a question in place; resolves with the new text, or null when the edit was cancelled. */
+  editQuestion(question) {
+    const item = this.items.get(question);
+    const bubble = item.querySelector(".bubble");
+    const shown = [...bubble.childNodes];
+    const form = document.createElement("form");
+    form.className = "edit-form";
+    const input = document.createElement("textarea");
+    input.value = question.text;
+    input.rows = Math.min(8, question.text.split("\n").length + 1);
+    input.setAttribute("aria-label", gettext("Edited question"));
+    const note = document.createElement("p");
+    note.className = "edit-note";
+    note.textContent = gettext("The answers after this question will be replaced.");
+    const cancel = actionButton("edit-cancel", "✕", gettext("Cancel"));
+    const send = document.createElement("button");
+    send.type = "submit";
+    send.className = "button button-primary";
+    send.textContent = gettext("Send");
+    const bar = document.createElement("div");
+    bar.className = "edit-bar";
+    bar.append(note, cancel, send);
+    form.append(input, bar);
+    bubble.replaceChildren(form);
+    item.classList.add("editing");
+    input.focus();
+    return new Promise((resolve) => {
+      const finish = (text) => {
+        bubble.replaceChildren(...shown);
+        item.classList.remove("editing");
+        resolve(text);
+      };
+      form.addEventListener("submit", (event) => {
+        event.preventDefault();
+        finish(input.value.trim() && input.value !== question.text ? input.value : null);
+      });
+      cancel.addEventListener("click", () => finish(null));
+      input.addEventListener("keydown", (event) => {
+        if (event.key === "Escape") {
+          event.preventDefault();
+          event.stopPropagation();
+          finish(null);
+        } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+          event.preventDefault();
+          form.requestSubmit();
+        }
+      });
+    });
   }
 
   /** The message a click inside the list belongs to. */

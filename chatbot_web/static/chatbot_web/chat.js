@@ -303,6 +303,21 @@ function regenerate() {
   chat.regenerate();
 }
 
+/** Edit a sent question and send it again; the later turns go, which the editor says. */
+async function editQuestion(question) {
+  if (!question || !chat.editable(question)) return;
+  const text = await messageList.editQuestion(question);
+  if (text === null) return;
+  const count = characterCount(text);
+  if (count > maxLength) {
+    showComposerError(tooLongText(count, maxLength), "too-long");
+    return;
+  }
+  hideComposerError();
+  scroller.toBottom();
+  chat.edit(question, text);
+}
+
 function stopAnswers() {
   ui.stopButton.disabled = true;
   chat.stopAll();
@@ -449,6 +464,8 @@ function onMessageListClick(event) {
     copyText(messageList.messageAt(button)?.text ?? "", button);
   } else if (button.classList.contains("regenerate")) {
     regenerate();
+  } else if (button.classList.contains("edit-question")) {
+    editQuestion(messageList.messageAt(button));
   }
 }
 

@@ -40,10 +40,11 @@ export function wasStreamed(message) {
 
 /** A question in the open conversation, as typed. */
 export class Question {
-  constructor(text, createdAt = new Date().toISOString()) {
+  constructor(text, createdAt = new Date().toISOString(), id = null) {
     this.role = "user";
     this.text = text;
     this.createdAt = createdAt;
+    this.id = id; // known once the server saved it (the answer's meta names it): then it can be edited
   }
 }
 
@@ -131,12 +132,13 @@ function outcomeOf(terminal) {
  * "reconnecting" when that state changes.
  */
 export class AnswerRun extends Emitter {
-  constructor(answer, { transport = null, question = null, replaces = null } = {}) {
+  constructor(answer, { transport = null, question = null, replaces = null, restore = null } = {}) {
     super();
     this.answer = answer;
     this.transport = transport;
     this.question = question; // the question this run answers, taken back if refused
     this.replaces = replaces; // the answer being regenerated, put back if refused
+    this.restore = restore; // the messages before an edit, put back if refused
     this.answerId = null; // the id this page gave the answer (JSON mode)
     this.progress = new AnswerProgress();
     this.stopRequested = false;
@@ -269,7 +271,9 @@ export class Chat extends Emitter {
     if (token !== this.loadToken) return;
     this.emit("loading", false);
     const messages = conversation.messages.map((message) =>
-      message.role === "user" ? new Question(message.content, message.created_at) : Answer.fromMessage(message),
+      message.role === "user"
+        ? new Question(message.content, message.created_at, message.id)
+        : Answer.fromMessage(message),
     );
     this.setMessages(messages, "load");
     for (const answer of messages) {
@@ -358,6 +362,38 @@ export class Chat extends Emitter {
     return true;
   }
 
+  /** Whether `question` can be edited and sent again now. */
+  editable(question) {
+    return !this.running && Boolean(question.id) && this.messages.includes(question);
+  }
+
+  /**
+   * Send `text` in place of `question`: it and every later turn are replaced (the server
+   * does the same). Edits go over HTTP whatever the transport: the WebSocket has no edit.
+   */
+  edit(question, text) {
+    if (!this.editable(question) || !text.trim()) return false;
+    const before = this.messages;
+    const edited = new Question(text);
+    const answer = new Answer({ streamed: this.streaming() });
+    this.setMessages([...before.slice(0, before.indexOf(question)), edited, answer], "send");
+    const questionId = question.id;
+    const http = {
+      followEvents: (options) => this.api.followEvents(options),
+      stop: (messageId) => this.api.stopMessage(messageId),
+    };
+    this.requestAnswer(
+      answer,
+      { question: edited, restore: before },
+      {
+        stream: (_transport, options) => this.api.streamEdit({ questionId, message: text, ...options }),
+        json: (options) => this.api.editJson({ questionId, message: text, ...options }),
+      },
+      http,
+    );
+    return true;
+  }
+
   /** Stop the answers being read (each once the server has named it). */
   stopAll() {
     for (const run of this.runs) this.stopRun(run).catch((error) => this.emit("error", error));
@@ -373,9 +409,8 @@ export class Chat extends Emitter {
   }
 
   /** Read a new answer as it was asked for: `request.stream(transport, options)` or `request.json(options)`. */
-  requestAnswer(answer, runOptions, request) {
+  requestAnswer(answer, runOptions, request, transport = this.transport()) {
     if (answer.streamed) {
-      const transport = this.transport();
       const run = this.startRun(answer, { ...runOptions, transport });
       this.drive(run, () => request.stream(transport, { signal: run.signal, onEvent: run.onEvent }));
     } else {
@@ -395,6 +430,7 @@ export class Chat extends Emitter {
   startRun(answer, options) {
     const run = new AnswerRun(answer, options);
     run.on("meta", (event) => {
+      if (run.question && event.question_id) run.question.id = event.question_id;
       if (event.session_id && event.session_id !== this.sessionId) {
         this.setSession(event.session_id);
         this.refreshConversations();
@@ -466,6 +502,7 @@ export class Chat extends Emitter {
       const body = await request({ signal: run.signal, answerId: run.answerId });
       const { answer } = run;
       answer.id = body.message_id;
+      if (run.question && body.question_id) run.question.id = body.question_id;
       if (body.session_id !== this.sessionId) this.setSession(body.session_id);
       answer.model = body.model;
       answer.completionTokens = body.usage?.completion_tokens ?? null;
@@ -551,6 +588,10 @@ export class Chat extends Emitter {
   }
 
   undo(run) {
+    if (run.restore) {
+      this.setMessages(run.restore, "undo");
+      return;
+    }
     const gone = new Set([run.answer, run.question]);
     const messages = this.messages.filter((message) => !gone.has(message));
     if (run.replaces) messages.push(run.replaces);
