@@ -169,10 +169,14 @@ async def question_edit(
 
 def _edit_turn(*, question: Message, owner: Owner, text: str, provider: Provider, **charge):
     with transaction.atomic():
-        # Locked so that of two edits (or an edit and a regenerate) one wins, the other gets 409.
-        if not Message.objects.select_for_update().filter(pk=question.pk).exists():
+        # The conversation's row is locked: a new answer in it (which updates that row) waits for
+        # this edit or is seen by the checks below, so an edit never deletes a live answer; of two
+        # edits one wins, the other gets 409.
+        conversation = Conversation.objects.select_for_update().get(pk=question.conversation_id)
+        if conversation.messages.filter(status__in=Message.LIVE_STATUSES).exists():
+            raise ChatbotError("An answer is being written: stop it first.", code="conflict", status_code=409)
+        if not conversation.messages.filter(pk=question.pk).exists():
             raise ChatbotError("This question was already replaced.", code="conflict", status_code=409)
-        conversation = question.conversation
         conversation.messages.filter(created_at__gte=question.created_at).delete()
         return _create_turn(
             owner=owner,

@@ -90,23 +90,30 @@ class ApiView(ApiPolicy, AsyncAPIView):
         return super().finalize_response(request, response, *args, **kwargs)
 
 
+# The new answer of chat, regenerate and edit, in each negotiated transport.
+ANSWER_RESPONSES = {
+    (200, "application/json"): OpenApiResponse(
+        ChatResponseSerializer, description="The assembled answer (the seed's contract)."
+    ),
+    (200, "text/event-stream"): OpenApiResponse(
+        StreamEventSerializer,
+        description="Server-Sent Events: `event:` type, `id:` seq, `data:` the event. " + EVENTS_DESCRIPTION,
+    ),
+    (200, "application/x-ndjson"): OpenApiResponse(
+        StreamEventSerializer, description="One event per line. " + EVENTS_DESCRIPTION
+    ),
+}
+# `after` / `Last-Event-ID`: a seq to read after.
+SEQ_SCHEMA = {"type": "integer", "minimum": 0}
+
+
 class ChatView(ApiView):
     renderer_classes = [JSONRenderer, transports.EventStreamRenderer, transports.NDJSONRenderer]
 
     @extend_schema(
         request=ChatRequestSerializer,
         responses={
-            (200, "application/json"): OpenApiResponse(
-                ChatResponseSerializer, description="The assembled answer (the seed's contract)."
-            ),
-            (200, "text/event-stream"): OpenApiResponse(
-                StreamEventSerializer,
-                description="Server-Sent Events: `event:` type, `id:` seq, `data:` the event. "
-                + EVENTS_DESCRIPTION,
-            ),
-            (200, "application/x-ndjson"): OpenApiResponse(
-                StreamEventSerializer, description="One event per line. " + EVENTS_DESCRIPTION
-            ),
+            **ANSWER_RESPONSES,
             400: OpenApiResponse(description="Invalid input: `{success: false, error, code, details}`."),
             404: OpenApiResponse(description="Unknown `session_id`."),
             502: OpenApiResponse(description="The model server failed; the message is saved as failed."),
@@ -167,13 +174,7 @@ class MessageRegenerateView(ApiView):
     @extend_schema(
         request=RegenerateRequestSerializer,
         responses={
-            (200, "application/json"): ChatResponseSerializer,
-            (200, "text/event-stream"): OpenApiResponse(
-                StreamEventSerializer, description=EVENTS_DESCRIPTION
-            ),
-            (200, "application/x-ndjson"): OpenApiResponse(
-                StreamEventSerializer, description=EVENTS_DESCRIPTION
-            ),
+            **ANSWER_RESPONSES,
             409: OpenApiResponse(description="The answer is still being written."),
         },
     )
@@ -195,33 +196,13 @@ class MessageRegenerateView(ApiView):
         return await answer_response(turn, transport=transport, is_streaming=transport != "json")
 
 
-def after_from(request) -> int:
-    raw = request.headers.get("Last-Event-ID") or request.query_params.get("after") or "0"
-    try:
-        after = int(raw)
-    except ValueError:
-        after = -1
-    if after < 0:
-        raise ChatbotError("`after` / Last-Event-ID must be a non-negative integer.", code="invalid")
-    return min(after, MAX_SEQ)  # any larger value is past the end of every answer
-
-
-MAX_SEQ = 2**53
-
-
 class MessageEditView(ApiView):
     renderer_classes = ChatView.renderer_classes
 
     @extend_schema(
         request=EditRequestSerializer,
         responses={
-            (200, "application/json"): ChatResponseSerializer,
-            (200, "text/event-stream"): OpenApiResponse(
-                StreamEventSerializer, description=EVENTS_DESCRIPTION
-            ),
-            (200, "application/x-ndjson"): OpenApiResponse(
-                StreamEventSerializer, description=EVENTS_DESCRIPTION
-            ),
+            **ANSWER_RESPONSES,
             409: OpenApiResponse(description="An answer of the conversation is being written."),
         },
     )
@@ -240,17 +221,29 @@ class MessageEditView(ApiView):
         return await answer_response(turn, transport=transport, is_streaming=transport != "json")
 
 
+def after_from(request) -> int:
+    raw = request.headers.get("Last-Event-ID") or request.query_params.get("after") or "0"
+    try:
+        after = int(raw)
+    except ValueError:
+        after = -1
+    if after < 0:
+        raise ChatbotError("`after` / Last-Event-ID must be a non-negative integer.", code="invalid")
+    return min(after, MAX_SEQ)  # any larger value is past the end of every answer
+
+
+MAX_SEQ = 2**53
+
+
 class MessageEventsView(ApiView):
     renderer_classes = [transports.EventStreamRenderer, JSONRenderer]
 
     @extend_schema(
         parameters=[
-            OpenApiParameter(
-                "after", {"type": "integer", "minimum": 0}, description="Resume after this seq (default 0)."
-            ),
+            OpenApiParameter("after", SEQ_SCHEMA, description="Resume after this seq (default 0)."),
             OpenApiParameter(
                 "Last-Event-ID",
-                {"type": "integer", "minimum": 0},
+                SEQ_SCHEMA,
                 OpenApiParameter.HEADER,
                 description="Sent by EventSource on reconnect; wins over `after`.",
             ),

@@ -439,3 +439,27 @@ async def test_bad_websocket_frames_get_an_error_frame_and_the_socket_lives(upst
     frames = [await ws.receive_json_from(timeout=5) for _ in range(5)]
     assert frames[0]["type"] == "accepted" and seen_text(frames) == "still here"
     await ws.disconnect()
+
+
+async def test_an_edit_while_an_answer_is_written_is_refused_and_the_answer_lives_on(upstream, manager):
+    client = AsyncClient()
+    await client.get("/")
+    upstream.enqueue(Script(chunks=["First."]), Script(chunks=["Still", " going"], hang_after=1))
+    first = await answer_over_sse(client, {"message": "One"})
+    session = first[0]["session_id"]
+    question = await Message.objects.aget(conversation_id=session, role="user")
+    head = events_of(
+        await read_frames(await start_sse(client, {"message": "Two", "session_id": session}), limit=2)
+    )
+
+    edit = await client.post(f"/api/messages/{question.id}/edit", {"message": "One, edited"},
+                             content_type="application/json")  # fmt: skip
+
+    assert edit.status_code == 409 and edit.json()["code"] == "conflict"
+    live = await Message.objects.aget(pk=head[0]["message_id"])
+    assert live.is_live and await Message.objects.filter(conversation_id=session).acount() == 4
+    await client.post(f"/api/messages/{live.id}/stop")
+    await live.arefresh_from_db()
+    assert live.status == Message.Status.STOPPED
+    assert_stored_covers(live, "".join(e["text"] for e in head if e["type"] == "delta"))
+    await assert_no_leaked_slot(slots)

@@ -16,7 +16,7 @@ from ..identity import owner_for
 from ..models import Message
 from ..providers import get_provider
 from ..streaming import follow, transports
-from ..views import ApiView, after_from
+from ..views import SEQ_SCHEMA, ApiView, after_from
 from . import wire
 
 logger = logging.getLogger("chatbot.openai_api")
@@ -125,7 +125,7 @@ class CompletionDetailView(OpenAIView):
         parameters=[
             OpenApiParameter(
                 "Last-Event-ID",
-                {"type": "integer", "minimum": 0},
+                SEQ_SCHEMA,
                 OpenApiParameter.HEADER,
                 description="With `Accept: text/event-stream`: the frames after this seq, then live.",
             )

@@ -374,27 +374,10 @@ export class MessageListView {
     bubble.replaceChildren(form);
     item.classList.add("editing");
     input.focus();
-    return new Promise((resolve) => {
-      const finish = (text) => {
-        bubble.replaceChildren(...shown);
-        item.classList.remove("editing");
-        resolve(text);
-      };
-      form.addEventListener("submit", (event) => {
-        event.preventDefault();
-        finish(input.value.trim() && input.value !== question.text ? input.value : null);
-      });
-      cancel.addEventListener("click", () => finish(null));
-      input.addEventListener("keydown", (event) => {
-        if (event.key === "Escape") {
-          event.preventDefault();
-          event.stopPropagation();
-          finish(null);
-        } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
-          event.preventDefault();
-          form.requestSubmit();
-        }
-      });
+    return editInPlace(form, input, { cancel, enterSubmits: true }).then((text) => {
+      bubble.replaceChildren(...shown);
+      item.classList.remove("editing");
+      return text?.trim() && text !== question.text ? text : null; // unchanged: nothing to send
     });
   }
 
@@ -475,28 +458,44 @@ export class ConversationListView {
     this.renaming = true;
     input.focus();
     input.select();
-    return new Promise((resolve) => {
-      let done = false;
-      const finish = (save) => {
-        if (done) return;
-        done = true;
-        this.renaming = false;
-        resolve(save ? input.value.trim() : null);
-      };
-      form.addEventListener("submit", (event) => {
-        event.preventDefault();
-        finish(true);
-      });
-      input.addEventListener("keydown", (event) => {
-        if (event.key === "Escape") {
-          event.preventDefault();
-          event.stopPropagation();
-          finish(false);
-        }
-      });
-      input.addEventListener("blur", () => finish(true));
+    // Leaving the field saves, as in other apps' rename boxes.
+    return editInPlace(form, input, { saveOnBlur: true }).then((saved) => {
+      this.renaming = false;
+      return saved === null ? null : saved.trim();
     });
   }
+}
+
+/**
+ * Until the user is done with an in-place editor: resolves with the input's value when the
+ * form is submitted (Enter, the submit button, leaving the field with `saveOnBlur`), with
+ * null on Escape or a click on `cancel`. Escape does not reach the page (it would stop an answer).
+ */
+function editInPlace(form, input, { saveOnBlur = false, cancel = null, enterSubmits = false } = {}) {
+  return new Promise((resolve) => {
+    let done = false;
+    const finish = (value) => {
+      if (done) return;
+      done = true;
+      resolve(value);
+    };
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      finish(input.value);
+    });
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        event.preventDefault();
+        event.stopPropagation();
+        finish(null);
+      } else if (enterSubmits && event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        form.requestSubmit();
+      }
+    });
+    cancel?.addEventListener("click", () => finish(null));
+    if (saveOnBlur) input.addEventListener("blur", () => finish(input.value));
+  });
 }
 
 function groupHeading(text) {
