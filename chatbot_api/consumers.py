@@ -63,12 +63,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         handler = {
             "chat": self._chat,
             "regenerate": self._regenerate,
+            "continue": self._continue,
             "stop": self._stop,
             "resume": self._resume,
         }.get(content.get("type"))
         try:
             if handler is None:
-                raise ChatbotError("`type` must be one of: chat, regenerate, stop, resume.", code="invalid")
+                raise ChatbotError(
+                    "`type` must be one of: chat, regenerate, continue, stop, resume.", code="invalid"
+                )
             await handler(content)
         except (ChatbotError, ValidationError, *UNAVAILABLE_ERRORS) as error:
             await self._send_error(content, error)
@@ -101,6 +104,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _regenerate(self, content):
         turn = await services.answer_regenerate(
+            owner=self.owner, message_id=content.get("message_id"), transport="websocket"
+        )
+        await self._accept_and_follow(content, turn)
+
+    async def _continue(self, content):
+        turn = await services.answer_continue(
             owner=self.owner, message_id=content.get("message_id"), transport="websocket"
         )
         await self._accept_and_follow(content, turn)

@@ -83,6 +83,9 @@ class Message(models.Model):
     # The seq of the answer's terminal event, once it ended: a resume at or past it has
     # nothing left to read, and events rebuilt from the database keep the log's numbering.
     last_seq = models.PositiveIntegerField(null=True, blank=True)
+    # How many times the answer was continued after the token limit cut it: the part being
+    # written now is this number (0: the first), and each part has its own usage record.
+    continuations = models.PositiveSmallIntegerField(default=0)
 
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -102,9 +105,11 @@ class Message(models.Model):
 class UsageRecord(models.Model):
     """One answer's cost and outcome, kept for accounting even if its conversation is deleted."""
 
-    message = models.OneToOneField(
-        Message, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage"
+    message = models.ForeignKey(
+        Message, null=True, blank=True, on_delete=models.SET_NULL, related_name="usage_records"
     )
+    # Which part of the answer: 0 the answer as first written, n its n-th continuation.
+    part = models.PositiveSmallIntegerField(default=0)
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -128,6 +133,10 @@ class UsageRecord(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            # One record per part: the generation and the orphan sweep may both try to write it.
+            models.UniqueConstraint(fields=["message", "part"], name="one_usage_record_per_answer_part")
+        ]
 
     def __str__(self):
         return f"{self.client_key} {self.model} {self.prompt_tokens}+{self.completion_tokens}"

@@ -25,7 +25,7 @@ from .errors import ChatbotError, NotFound, ShuttingDown, unavailable_error
 from .identity import Owner
 from .limits import give_back, take_slot
 from .models import Conversation, Message
-from .providers import Provider, get_provider
+from .providers import Provider, Usage, get_provider
 from .selectors import conversation_context, conversation_get, message_get
 from .streaming.follow import follow_events
 from .streaming.generation import EarlyStream, GenerationRequest
@@ -167,6 +167,99 @@ async def question_edit(
     )
 
 
+def _is_continuable(answer: Message) -> bool:
+    """An answer a Continue may go on from: cut by the token limit, or by a server that died."""
+    return bool(answer.content) and (
+        (answer.status == Status.COMPLETE and answer.finish_reason == "length")
+        or answer.status == Status.INTERRUPTED
+    )
+
+
+async def answer_continue(
+    *, owner: Owner, message_id, transport: str = "json", answer_id: UUID | None = None
+) -> Turn:
+    """Go on writing the last answer where the token limit (or a dead server) cut it.
+
+    The same message grows: its event log goes on numbering from where it ended (its
+    first events restate the text so far), the model is asked to continue that text, and
+    the new part has its own usage record. `answer_id`, if sent, must be the answer's id.
+    """
+    answer = await message_get(owner=owner, message_id=message_id)
+    if answer_id is not None and answer_id != answer.id:
+        raise ChatbotError("answer_id must be the id of the answer continued.", code="invalid")
+    conversation = answer.conversation
+    last = await conversation.messages.order_by("-created_at").afirst()
+    if answer.role != Message.Role.ASSISTANT or last.pk != answer.pk:
+        raise ChatbotError("Only the last answer of a conversation can be continued.", code="invalid")
+    if answer.is_live:
+        raise ChatbotError("This answer is still being written.", code="conflict", status_code=409)
+    if not _is_continuable(answer):
+        raise ChatbotError(
+            "Only an answer cut by the token limit or by a server restart can be continued.",
+            code="invalid",
+        )
+    question = (
+        await conversation.messages.filter(role=Message.Role.USER, created_at__lt=answer.created_at)
+        .order_by("-created_at")
+        .afirst()
+    )
+    if question is None:
+        raise ChatbotError("This answer has no question.", code="invalid")
+    provider = get_provider()
+    prompt = await build_prompt(
+        provider=provider,
+        conversation=conversation,
+        text=question.content,
+        before=question.created_at,
+        answer_so_far=answer.content,
+    )
+    return await _start_answer(
+        owner=owner,
+        provider=provider,
+        prompt=provider.continuation_prompt(prompt, answer.content),
+        transport=transport,
+        create=partial(_reopen_answer, answer=answer, question=question),
+        answer_id=None,
+        streaming=answer.streaming,
+        model=answer.model if answer.model != provider.model_id else None,
+    )
+
+
+def _reopen_answer(*, answer: Message, question: Message, client_key: str, holds_slot: bool, **_):
+    """The answer, live again for its next part; the returned instance keeps its old `last_seq`."""
+    with transaction.atomic():
+        # Locked and reopened only if it is still there and finished: of two Continues one wins.
+        locked = Message.objects.select_for_update().filter(pk=answer.pk).first()
+        if locked is None or locked.is_live or not _is_continuable(locked):
+            raise ChatbotError("This answer is already being continued.", code="conflict", status_code=409)
+        now = timezone.now()
+        Conversation.objects.filter(pk=locked.conversation_id).update(updated_at=now)
+        locked.continuations += 1
+        Message.objects.filter(pk=locked.pk).update(
+            status=Status.PENDING,
+            finish_reason="",
+            error_code="",
+            error_message="",
+            last_seq=None,
+            continuations=locked.continuations,
+            worker=get_manager().worker_id,
+            heartbeat_at=now,
+            client_key=client_key,
+            holds_slot=holds_slot,
+        )
+        return answer.conversation, question, locked
+
+
+def _continued_log_start(answer: Message) -> int:
+    """The first seq of a continued answer's log: its old usage and end are restated from there.
+
+    Without a known end (its log was lost before it was numbered), past any seq it can have
+    had: one event per delta, each at least a character, and meta, usage, end.
+    """
+    end = answer.last_seq or len(answer.content) + 3
+    return max(end - 1, 1)
+
+
 def _edit_turn(*, question: Message, owner: Owner, text: str, provider: Provider, **charge):
     with transaction.atomic():
         # The conversation's row is locked: a new answer in it (which updates that row) waits for
@@ -294,8 +387,11 @@ async def _start_answer(
             raise ANSWER_ID_TAKEN from error  # two requests raced for the same id
         raise
     manager = get_manager()
+    part = assistant_message.continuations
     try:
-        await manager.log.open(assistant_message.id)
+        await manager.log.open(
+            assistant_message.id, first_seq=_continued_log_start(assistant_message) if part else 1
+        )
     except BaseException as error:  # saved but never started: say so, and free the slot
         await asyncio.shield(stream.aclose())
         await asyncio.shield(_fail_unstarted(assistant_message, error))
@@ -313,11 +409,20 @@ async def _start_answer(
             holds_slot=holds_slot,
             model=assistant_message.model,
             question_id=user_message.id,
+            **(_continuation_of(assistant_message) if part else {}),
         ),
         provider=provider,
         stream=stream,
     )
     return Turn(conversation, user_message, assistant_message)
+
+
+def _continuation_of(answer: Message) -> dict:
+    """The `GenerationRequest` fields of an answer's next part."""
+    earlier = None
+    if answer.prompt_tokens is not None:
+        earlier = Usage(answer.prompt_tokens, answer.completion_tokens or 0, answer.tokens_estimated)
+    return {"prefix": answer.content, "part": answer.continuations, "earlier_usage": earlier}
 
 
 @sync_to_async
@@ -334,9 +439,17 @@ def _fail_unstarted(answer: Message, error: BaseException) -> None:
 
 
 async def build_prompt(
-    *, provider: Provider, conversation: Conversation | None, text: str, before=None, system_prompt=None
+    *,
+    provider: Provider,
+    conversation: Conversation | None,
+    text: str,
+    before=None,
+    system_prompt=None,
+    answer_so_far: str = "",
 ) -> list[dict]:
-    """System prompt, as much recent history (before `before`) as the budget allows, the new message."""
+    """System prompt, as much recent history (before `before`) as the budget allows, the new message.
+
+    `answer_so_far`: the text of an answer being continued, which the budget leaves room for."""
     system_prompt = chatbot_setting("SYSTEM_PROMPT") if system_prompt is None else system_prompt
     count = provider.count_tokens
     budget = chatbot_setting("HISTORY_TOKENS") or (
@@ -344,6 +457,7 @@ async def build_prompt(
         - chatbot_setting("MAX_TOKENS")
         - count(system_prompt)
         - count(text)
+        - (count(answer_so_far) + MESSAGE_OVERHEAD_TOKENS if answer_so_far else 0)
         - 3 * MESSAGE_OVERHEAD_TOKENS
     )
     remaining = budget

@@ -13,6 +13,7 @@ urlpatterns = [
         views.MessageRegenerateView.as_view(),
         name="message-regenerate",
     ),
+    path("messages/<str:message_id>/continue", views.MessageContinueView.as_view(), name="message-continue"),
     path("messages/<str:message_id>/edit", views.MessageEditView.as_view(), name="message-edit"),
     path("conversations/", views.ConversationListView.as_view(), name="conversation-list"),
     path(

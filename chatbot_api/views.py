@@ -196,6 +196,28 @@ class MessageRegenerateView(ApiView):
         return await answer_response(turn, transport=transport, is_streaming=transport != "json")
 
 
+class MessageContinueView(ApiView):
+    renderer_classes = ChatView.renderer_classes
+
+    @extend_schema(
+        request=None,
+        responses={
+            **ANSWER_RESPONSES,
+            409: OpenApiResponse(description="The answer is being written (or continued) already."),
+        },
+    )
+    async def post(self, request, message_id):
+        """Continue the last answer where the token limit cut it: the same answer grows.
+
+        Streams (or assembles) the whole answer: its text so far comes first, as a `snapshot`.
+        """
+        transport = request.accepted_renderer.format
+        turn = await services.answer_continue(
+            owner=await owner_for(request), message_id=message_id, transport=transport
+        )
+        return await answer_response(turn, transport=transport, is_streaming=transport != "json")
+
+
 class MessageEditView(ApiView):
     renderer_classes = ChatView.renderer_classes
 

@@ -260,3 +260,38 @@ async def test_the_writer_recreates_a_stream_redis_lost_and_readers_elsewhere_se
     assert [(e.seq, e.type) for e in events] == [(1, "meta"), (2, "delta"), (3, "delta"), (4, "done")]
     for each in (writer, reader):
         await each.aclose()
+
+
+async def test_a_continued_answers_log_numbers_on_and_readers_from_before_start_at_its_restatement(log):
+    message_id = uuid.uuid4()
+    await log.open(message_id)
+    await log.append(message_id, "meta", {"message_id": str(message_id)})
+    for text in ["cut ", "short"]:
+        await log.append(message_id, "delta", {"text": text})
+    await log.append(message_id, "done", {"status": "complete", "finish_reason": "length"})  # seq 4
+
+    await log.open(message_id, first_seq=3)  # the generation restates meta and the text so far
+    await log.append(message_id, "meta", {"message_id": str(message_id)})
+    await log.append(message_id, "snapshot", {"text": "cut short"})
+    from_start = asyncio.create_task(collect(log.read(message_id, keepalive=1)))
+    from_old_end = asyncio.create_task(collect(log.read(message_id, after=4, keepalive=1)))
+    await asyncio.sleep(0.05)
+    await log.append(message_id, "delta", {"text": " and done"})
+    terminal = await log.append(message_id, "done", {"status": "complete", "finish_reason": "stop"})
+
+    everything, new_part = await asyncio.wait_for(asyncio.gather(from_start, from_old_end), 5)
+    assert [(e.seq, e.type) for e in everything] == [(3, "meta"), (4, "snapshot"), (5, "delta"), (6, "done")]
+    assert [(e.seq, e.type) for e in new_part] == [(5, "delta"), (6, "done")]
+    assert terminal.seq == 6 and (await log.tail(message_id)).seq == 6
+    assert await log.text(message_id) == "cut short and done"
+    assert await log.close_abandoned(message_id, "error", {"code": "x", "message": "m"}) == 6
+
+
+async def test_closing_an_abandoned_continued_log_numbers_its_end_after_the_old_one(log):
+    message_id = uuid.uuid4()
+    await log.open(message_id, first_seq=5)
+
+    seq = await log.close_abandoned(message_id, "error", {"code": "interrupted", "message": "m"})
+
+    assert seq == 5
+    assert [e.seq for e in await collect(log.read(message_id, after=2))] == [5]

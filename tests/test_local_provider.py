@@ -95,6 +95,18 @@ async def test_a_stop_sequence_ends_the_answer_before_it(provider):
 
 
 @pytest.mark.asyncio
+async def test_a_continuation_prefills_the_cut_answer_and_the_model_writes_on(provider):
+    whole, _ = await answer(provider, COUNT, max_tokens=16)
+    cut, _ = await answer(provider, COUNT, max_tokens=8)
+    assert whole.startswith(cut) and len(whole) > len(cut)  # greedy: the same first tokens
+
+    rest, chunks = await answer(provider, provider.continuation_prompt(COUNT, cut), max_tokens=8)
+
+    assert rest and (cut + rest).strip() == whole.strip()  # it went on, as if never cut
+    assert chunks[-1].usage.prompt_tokens > 37
+
+
+@pytest.mark.asyncio
 async def test_weights_are_loaded_without_repacking_unless_asked(provider):
     """Repacked (AMX) weights crash on VMs that advertise AMX without enabling it, as CI's does."""
     import llama_cpp.llama_cpp as low_level

@@ -23,6 +23,10 @@ FINISH_REASON_LENGTH = 32
 # (not encodable as UTF-8). Replaced before anything is logged, so every reader sees the
 # same text that is saved.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+CONTINUE_INSTRUCTION = (
+    "Your answer was cut off. Continue it exactly where it stopped, without repeating anything "
+    "and without any preamble."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +101,18 @@ class Provider:
     ) -> AsyncIterator[Chunk]:
         raise NotImplementedError(".stream() must be overridden")
         yield  # pragma: no cover  (makes this an async generator)
+
+    def continuation_prompt(self, messages: list[dict], answer_so_far: str) -> list[dict]:
+        """The prompt that makes the model go on with `answer_so_far`, its cut answer to `messages`.
+
+        Chat APIs take no half-written assistant turn, so the default sends it as a finished one
+        and asks for the rest; a backend that renders its own prompt (local) prefills it instead.
+        """
+        return [
+            *messages,
+            {"role": "assistant", "content": answer_so_far},
+            {"role": "user", "content": CONTINUE_INSTRUCTION},
+        ]
 
     async def list_models(self) -> list[str]:
         """The models this backend can answer with, `model_id` first."""

@@ -170,6 +170,10 @@ class LocalProvider(Provider):
             future.cancel()
             worker.jobs.discard(job)
 
+    def continuation_prompt(self, messages: list[dict], answer_so_far: str) -> list[dict]:
+        # The prompt is rendered here: the cut answer is prefilled and the model writes on.
+        return [*messages, {"role": "assistant", "content": answer_so_far}]
+
     def count_tokens(self, text: str) -> int:
         """Exact count from a vocabulary-only copy of the GGUF, never the worker's model.
 
@@ -280,7 +284,10 @@ class _Worker:
         # Formatting with the GGUF's own template (as create_chat_completion does) and driving
         # generate() ourselves gives the exact prompt count (its stream reports no usage) and a
         # loop to check for cancellation after every token.
-        prompt_text = model.formatter(messages=job.messages).prompt
+        messages, prefill = job.messages, ""
+        if messages[-1]["role"] == "assistant":  # a continuation: the model goes on from its own text
+            messages, prefill = messages[:-1], messages[-1]["content"]
+        prompt_text = model.formatter(messages=messages).prompt + prefill
         prompt = llm.tokenize(prompt_text.encode(), add_bos=False, special=True)  # template adds any BOS
         room = llm.n_ctx() - len(prompt)
         if room <= 0:

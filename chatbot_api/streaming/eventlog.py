@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from uuid import UUID
 
-from .events import DELTA, Event
+from .events import DELTA, SNAPSHOT, Event
 
 # Yielded by `read()` when nothing happened for `keepalive` seconds, so transports
 # can send a keep-alive frame without a timer of their own.
@@ -37,7 +37,10 @@ class LogGap(Exception):
 class EventLog:
     """Contract of an event-log backend.
 
-    - `open(message_id)` creates an empty log before the generation starts;
+    - `open(message_id, first_seq=)` creates an empty log before the generation starts; a
+      continued answer's log replaces its finished one and numbers on from `first_seq`
+      (its writer restates what came before in its first events: `meta`, a `snapshot`), so
+      a reader from before `first_seq` starts there;
     - `append(message_id, type, data)` assigns the next sequence number and wakes readers;
       a terminal event closes the log, which is then kept for `ttl` seconds;
     - `read(message_id, after=, keepalive=)` yields the events with `seq > after`, then
@@ -50,7 +53,7 @@ class EventLog:
     # Whether other processes read (and may have to end) this log.
     is_shared = False
 
-    async def open(self, message_id: UUID) -> None:
+    async def open(self, message_id: UUID, *, first_seq: int = 1) -> None:
         raise NotImplementedError(".open() must be overridden")
 
     async def append(self, message_id: UUID, type: str, data: dict) -> Event:
@@ -101,6 +104,8 @@ class _Stream:
     expires_at: float | None = None
     # Readers see the first `visible` events; None: all of them (see `InMemoryEventLog.reveal`).
     visible: int | None = None
+    # The seq before the first event: 0, or where a continued answer's log goes on from.
+    base: int = 0
 
 
 class InMemoryEventLog(EventLog):
@@ -120,16 +125,20 @@ class InMemoryEventLog(EventLog):
         self._streams: dict[UUID, _Stream] = {}
         self._next_purge = 0.0
 
-    async def open(self, message_id: UUID) -> None:
+    async def open(self, message_id: UUID, *, first_seq: int = 1) -> None:
         self._purge_expired()
-        self._streams.setdefault(message_id, _Stream(visible=0 if self.gated else None))
+        stream = _Stream(visible=0 if self.gated else None, base=first_seq - 1)
+        if first_seq > 1:
+            self._streams[message_id] = stream  # the finished log's readers keep reading their copy
+        else:
+            self._streams.setdefault(message_id, stream)
 
     def reveal(self, message_id: UUID, seq: int | None = None) -> None:
         """Let readers see the events up to `seq` (all of them when None)."""
         stream = self._streams.get(message_id)
         if stream is None or stream.visible is None:
             return
-        visible = len(stream.events) if seq is None else min(seq, len(stream.events))
+        visible = len(stream.events) if seq is None else min(seq - stream.base, len(stream.events))
         if visible > stream.visible:
             stream.visible = visible
             waiters, stream.changed = stream.changed, asyncio.Event()
@@ -141,7 +150,7 @@ class InMemoryEventLog(EventLog):
             raise LogNotFound(message_id)
         if stream.expires_at is not None:
             raise RuntimeError(f"the event log of {message_id} is closed")
-        event = Event.create(len(stream.events) + 1, type, data, message_id)
+        event = Event.create(stream.base + len(stream.events) + 1, type, data, message_id)
         stream.events.append((data["text"], event.json) if type == DELTA and len(data) == 1 else event)
         if event.is_terminal:
             stream.expires_at = self.clock() + self.ttl
@@ -156,14 +165,15 @@ class InMemoryEventLog(EventLog):
         stream = self._streams.get(message_id)
         if stream is None:
             raise LogNotFound(message_id)
-        position = max(after, 0)
+        base = stream.base
+        position = max(after, base) - base  # an index into the events
         while True:
             events = stream.events
             while position < (len(events) if stream.visible is None else stream.visible):
                 event = events[position]
                 position += 1
                 if not isinstance(event, Event):
-                    event = Event(position, DELTA, {"text": event[0]}, event[1])
+                    event = Event(base + position, DELTA, {"text": event[0]}, event[1])
                 yield event
                 if event.is_terminal:
                     return
@@ -189,14 +199,20 @@ class InMemoryEventLog(EventLog):
         stream = self._streams.get(message_id)
         if stream is None:
             return None
-        return "".join(event[0] for event in stream.events if not isinstance(event, Event))
+        parts = []
+        for event in stream.events:
+            if not isinstance(event, Event):
+                parts.append(event[0])
+            elif event.type == SNAPSHOT:  # a continued answer's text before its log
+                parts = [event.data["text"]]
+        return "".join(parts)
 
     async def close_abandoned(self, message_id: UUID, type: str, data: dict) -> int | None:
         stream = self._streams.get(message_id)
         if stream is None:
             return None
         if stream.expires_at is not None:
-            return len(stream.events)
+            return stream.base + len(stream.events)
         return (await self.append(message_id, type, data)).seq
 
     def events(self, message_id: UUID) -> list[Event]:
@@ -209,7 +225,8 @@ class InMemoryEventLog(EventLog):
     @staticmethod
     def _event(stream: _Stream, index: int) -> Event:
         event = stream.events[index]
-        return event if isinstance(event, Event) else Event(index + 1, DELTA, {"text": event[0]}, event[1])
+        seq = stream.base + index + 1
+        return event if isinstance(event, Event) else Event(seq, DELTA, {"text": event[0]}, event[1])
 
     def _purge_expired(self) -> None:
         now = self.clock()

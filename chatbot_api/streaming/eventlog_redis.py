@@ -1,7 +1,8 @@
 """Event logs in Redis Streams, shared by every worker process of a cluster.
 
 One stream per answer, `chatbot:events:<message_id>`. Entry ids encode the
-sequence number (`1-<seq>`; `0-1` marks an opened, still empty log), so resuming
+sequence number (`1-<seq>`; `0-1` marks an opened log, with the seq it starts from for a
+continued answer), so resuming
 after event N is `XRANGE (1-N +` followed by `XREAD BLOCK` from there. Only the
 generation's process appends to a log, so it numbers the events itself. A log
 expires `ttl` seconds after its terminal event (or after `max_age` if its worker
@@ -32,7 +33,7 @@ from uuid import UUID
 import redis.asyncio as aioredis
 
 from .eventlog import KEEPALIVE, EventLog, InMemoryEventLog, LogGap, LogNotFound
-from .events import DELTA, Event
+from .events import DELTA, SNAPSHOT, Event
 
 logger = logging.getLogger("chatbot.eventlog")
 
@@ -98,13 +99,15 @@ class RedisEventLog(EventLog):
     def _key(self, message_id: UUID) -> str:
         return f"{self.prefix}{message_id}"
 
-    async def open(self, message_id: UUID) -> None:
+    async def open(self, message_id: UUID, *, first_seq: int = 1) -> None:
         key = self._key(message_id)
         async with self._redis().pipeline(transaction=True) as pipe:
-            pipe.xadd(key, {"open": 1}, id=OPEN_MARKER)
+            if first_seq > 1:
+                pipe.delete(key)  # a continued answer: its finished log is replaced
+            pipe.xadd(key, _open_fields(first_seq), id=OPEN_MARKER)
             pipe.expire(key, self.max_age)
             await pipe.execute()
-        await self._local.open(message_id)
+        await self._local.open(message_id, first_seq=first_seq)
 
     async def append(self, message_id: UUID, type: str, data: dict) -> Event:
         """Log in memory at once (this process's readers see it now), copy to Redis in batches.
@@ -166,7 +169,8 @@ class RedisEventLog(EventLog):
         wait = min(keepalive or self.block_slice, self.block_slice)
         clock = asyncio.get_running_loop().time
         quiet_since = clock()
-        position = max(after, 0)  # the seq of the last event yielded
+        # The seq of the last event yielded; a continued answer's log restates what came before.
+        position = max(after, await self._first_seq(client, key) - 1, 0)
         entries = await self._range_after(client, key, position)
         while True:
             for event in _events_of(entries):
@@ -188,6 +192,10 @@ class RedisEventLog(EventLog):
                 elif clock() - quiet_since >= keepalive:
                     quiet_since = clock()
                     yield KEEPALIVE
+
+    async def _first_seq(self, client, key: str) -> int:
+        marker = await client.xrange(key, min=OPEN_MARKER, max=OPEN_MARKER)
+        return int(marker[0][1].get(b"from", 1)) if marker else 1
 
     async def _range_after(self, client, key: str, position: int) -> list:
         last = _entry_id(position) if position > 0 else OPEN_MARKER
@@ -240,6 +248,8 @@ class RedisEventLog(EventLog):
                 event = _decode(fields[b"e"])
                 if event.type == DELTA:
                     parts.append(event.data["text"])
+                elif event.type == SNAPSHOT:
+                    parts = [event.data["text"]]
         return "".join(parts)
 
     async def close_abandoned(self, message_id: UUID, type: str, data: dict) -> int | None:
@@ -258,7 +268,8 @@ class RedisEventLog(EventLog):
             last = await self.tail(message_id)
             if last is not None and last.is_terminal:
                 return last.seq
-            event = Event.create((last.seq if last else 0) + 1, type, data, message_id)
+            seq = last.seq + 1 if last else await self._first_seq(self._redis(), key)
+            event = Event.create(seq, type, data, message_id)
             try:
                 async with self._redis().pipeline(transaction=True) as pipe:
                     pipe.xadd(key, {"e": event.json}, id=_entry_id(event.seq), nomkstream=True)
@@ -395,12 +406,16 @@ class _Writer:
         logger.warning("Redis lost the event log of %s; re-creating it (%d events)", message_id, len(events))
         async with self._redis().pipeline(transaction=True) as pipe:
             pipe.delete(key)
-            pipe.xadd(key, {"open": 1}, id=OPEN_MARKER)
+            pipe.xadd(key, _open_fields(events[0].seq if events else 1), id=OPEN_MARKER)
             for event in events:
                 pipe.xadd(key, {"e": event.json}, id=_entry_id(event.seq))
             ended = bool(events) and events[-1].is_terminal
             pipe.expire(key, self._ttl if ended else self._max_age)
             await pipe.execute()
+
+
+def _open_fields(first_seq: int) -> dict:
+    return {"open": 1, "from": first_seq} if first_seq > 1 else {"open": 1}
 
 
 def _is_duplicate(error: Exception) -> bool:

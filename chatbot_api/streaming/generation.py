@@ -49,6 +49,11 @@ class GenerationRequest:
     holds_slot: bool = False  # a concurrency slot to give back when the answer ends
     model: str = ""  # the model asked, when not the provider's default
     question_id: UUID | None = None  # the question answered (the client may edit it later)
+    # A continuation: the answer's text so far (the model goes on from it), which part this
+    # is, and what the earlier parts cost (the message's counts are the whole answer's).
+    prefix: str = ""
+    part: int = 0
+    earlier_usage: Usage | None = None
 
 
 @dataclass(slots=True)
@@ -86,7 +91,7 @@ class Generation:
         self.log = log
         self.store = store
         self.time_limits = TimeLimits.from_settings()
-        self.parts: list[str] = []
+        self.parts: list[str] = [request.prefix] if request.prefix else []
         self.last_seq = 0  # of the last event this generation logged
         self.first_token_at: float | None = None  # loop time
         self.finish_reason = ""
@@ -126,6 +131,8 @@ class Generation:
                     **({"question_id": str(self.request.question_id)} if self.request.question_id else {}),
                 },
             )
+            if self.request.prefix:  # a continuation: readers from before this log get the text so far
+                await self.append(ev.SNAPSHOT, {"text": self.request.prefix})
             await self._read_stream(started)
             outcome = Outcome.complete(self.finish_reason)
         except TimeoutError:
@@ -212,7 +219,7 @@ class Generation:
 
     def _estimated_usage(self, outcome: Outcome) -> Usage | None:
         """Counts for an answer whose provider sent none (nothing when nothing was written)."""
-        text = self.text
+        text = self.text[len(self.request.prefix) :]
         if not text and outcome.status != Status.COMPLETE:
             return None
         count = self.provider.count_tokens
@@ -232,6 +239,10 @@ class Generation:
             "heartbeat_at": timezone.now(),
             "last_seq": terminal_seq,
         }
+        if (earlier := self.request.earlier_usage) is not None and outcome.usage is not None:
+            fields["prompt_tokens"] += earlier.prompt_tokens
+            fields["completion_tokens"] += earlier.completion_tokens
+            fields["tokens_estimated"] |= earlier.estimated
         record = self._usage_record(outcome)
         if not await self.store.save_outcome(self.message_id, fields, record):
             # The client must not believe an answer is safe that the database does not hold.
@@ -268,6 +279,7 @@ class Generation:
         usage = outcome.usage
         return UsageRecord(
             message_id=self.message_id,
+            part=self.request.part,
             user_id=self.request.user_id,
             session_key=self.request.session_key,
             client_key=self.request.client_key,

@@ -213,6 +213,8 @@ class GenerationManager:
             from ..providers import get_provider
 
             tokens = get_provider().count_tokens(content)
+            if orphan["continuations"]:  # only the part being written: the rest was counted
+                tokens = max(tokens - (orphan["completion_tokens"] or 0), 0)
         try:
             await self.store.db.run(_finish_orphan, orphan, outcome.status, content, last_seq, tokens)
         except Exception:

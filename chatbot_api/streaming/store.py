@@ -170,7 +170,7 @@ def _save_outcome(message_id: UUID, fields: dict, record: UsageRecord) -> None:
         if not Message.objects.filter(pk=message_id).update(**fields):
             # Deleted meanwhile (with its conversation): the usage is still charged.
             record.message_id = None
-        elif UsageRecord.objects.filter(message_id=message_id).exists():
+        elif UsageRecord.objects.filter(message_id=message_id, part=record.part).exists():
             return
         record.save()
 
@@ -222,6 +222,8 @@ def _claim_orphans(
         "conversation__session_key",
         "provider",
         "model",
+        "continuations",
+        "completion_tokens",
     )[:500]:
         won = Message.objects.filter(
             pk=row["id"], status__in=Message.LIVE_STATUSES, heartbeat_at__lt=cutoff
@@ -239,16 +241,20 @@ def _claim_orphans(
 
 
 def _finish_orphan(orphan: dict, status: str, content: str, last_seq: int | None, tokens: int) -> None:
+    """Save a swept answer; `tokens` is what its last part wrote (earlier parts were counted)."""
+    part = orphan["continuations"]
     with transaction.atomic():
-        updates: dict = {"completion_tokens": tokens, "tokens_estimated": True}
+        total = tokens + ((orphan["completion_tokens"] or 0) if part else 0)
+        updates: dict = {"completion_tokens": total, "tokens_estimated": True}
         if content != orphan["content"]:
             updates["content"] = content
         if last_seq is not None:
             updates["last_seq"] = last_seq
         Message.objects.filter(pk=orphan["id"]).update(**updates)
-        if not UsageRecord.objects.filter(message_id=orphan["id"]).exists():
+        if not UsageRecord.objects.filter(message_id=orphan["id"], part=part).exists():
             UsageRecord.objects.create(
                 message_id=orphan["id"],
+                part=part,
                 user_id=orphan["conversation__user_id"],
                 session_key=orphan["conversation__session_key"] or "",
                 client_key=orphan["client_key"],
