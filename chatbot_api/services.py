@@ -389,9 +389,10 @@ async def _start_answer(
     manager = get_manager()
     part = assistant_message.continuations
     try:
-        await manager.log.open(
-            assistant_message.id, first_seq=_continued_log_start(assistant_message) if part else 1
-        )
+        if part:
+            await manager.log.open(assistant_message.id, first_seq=_continued_log_start(assistant_message))
+        else:
+            await manager.log.open(assistant_message.id)
     except BaseException as error:  # saved but never started: say so, and free the slot
         await asyncio.shield(stream.aclose())
         await asyncio.shield(_fail_unstarted(assistant_message, error))
