@@ -421,6 +421,32 @@ def test_an_answer_cut_at_the_length_limit_says_so(open_page, upstream, streamin
     expect(last_answer(page).locator(".message-note")).to_have_text("The answer was cut at the length limit.")
 
 
+@pytest.mark.parametrize("reload", [False, True], ids=["at-once", "after-reload"])
+def test_continue_grows_the_cut_answer_in_place(open_page, upstream, reload):
+    upstream.enqueue(Script(chunks=["It was a dark", " and stormy"], finish_reason="length"))
+    page = open_page()
+    send(page, "Tell me a story")
+    wait_answer_finished(page)
+    if reload:
+        page.reload()
+        wait_ready(page)
+    screenshot(page, f"continue-offered-{'reload' if reload else 'live'}")
+    upstream.enqueue(Script(chunks=[" night.", " The end."]))
+
+    last_answer(page).locator(".continue-answer").click()
+
+    answer = wait_answer_finished(page)
+    expect(answer.locator(".bubble-body")).to_have_text(re.compile(r"dark and stormy night\. The end\."))
+    expect(page.locator(".message-assistant")).to_have_count(1)
+    expect(answer.locator(".message-note")).to_have_count(0)
+    expect(answer.locator(".continue-answer")).to_have_count(0)
+    expect(page.locator("#messageInput")).to_be_enabled()
+    expect(page.locator("#messageInput")).to_be_focused()
+    message = assistant_message()
+    assert (message.content, message.continuations) == ("It was a dark and stormy night. The end.", 1)
+    screenshot(page, f"continue-done-{'reload' if reload else 'live'}")
+
+
 def test_a_first_json_answer_is_in_the_sidebar_while_it_is_written(open_page, upstream):
     upstream.enqueue(Script(chunks=WORDS, interval=0.1))
     page = open_page()

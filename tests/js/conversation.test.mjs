@@ -375,3 +375,40 @@ test("an edited question replaces it and the later turns; a refusal puts them al
   assert.deepEqual([edits[1].questionId, edits[1].message], ["q1", "First, again"]);
   assert.equal(chat.edit(before[2], "gone"), false, "a replaced question cannot be edited");
 });
+
+test("a cut answer continues in place: the same answer grows, a refusal puts it back as it was", async () => {
+  const api = fakeApi({
+    getConversation: { messages: [
+      { role: "user", id: "q1", content: "Story" },
+      { role: "assistant", id: "a1", content: "Once upon", status: "complete", finish_reason: "length", model: "fake" },
+    ] },
+  });
+  const continues = [];
+  api.streamContinue = async (options) => {
+    continues.push(options);
+    await null;
+    if (continues.length === 1) throw new ApiError({ code: "conflict", status: 409 });
+    options.onEvent({ ...meta("a1"), seq: 3 }); // the continued log numbers on from the old end
+    options.onEvent({ type: "snapshot", seq: 4, text: "Once upon" });
+    options.onEvent({ type: "delta", seq: 5, text: " a time." });
+    options.onEvent({ ...done(6) });
+  };
+  const { chat } = makeChat({ api });
+  await chat.open("s1");
+  const cut = chat.messages.at(-1);
+  assert.equal(chat.continuable(cut), true);
+  assert.equal(chat.continuable(chat.messages[0]), false, "a question is not an answer");
+
+  assert.equal(chat.continueAnswer(cut), true);
+  await until(() => !chat.running);
+  assert.equal(chat.messages.at(-1), cut, "refused: the cut answer is back as it was");
+
+  chat.continueAnswer(cut);
+  assert.equal(chat.messages.at(-1).text, "Once upon", "the text so far stays on screen");
+  await until(() => !chat.running);
+  const answer = chat.messages.at(-1);
+  assert.deepEqual([answer.id, answer.text, answer.outcome.finishReason], ["a1", "Once upon a time.", "stop"]);
+  assert.equal(chat.messages.length, 2, "one answer, grown");
+  assert.equal(continues[1].messageId, "a1");
+  assert.equal(chat.continuable(answer), false, "finished now: nothing to continue");
+});

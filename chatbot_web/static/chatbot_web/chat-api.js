@@ -232,6 +232,11 @@ export class ChatApi {
     return this.streamAnswer(regeneratePath(messageId), { signal }, onEvent);
   }
 
+  /** Go on writing a cut answer; streams the whole answer (its text so far first, as a snapshot). */
+  streamContinue({ messageId, signal, onEvent }) {
+    return this.streamAnswer(`messages/${encodeURIComponent(messageId)}/continue`, { signal }, onEvent);
+  }
+
   /** Send an edited question in place of a sent one (later turns are replaced), streamed. */
   streamEdit({ questionId, message, signal, onEvent }) {
     return this.streamAnswer(editPath(questionId), { body: { message }, signal }, onEvent);

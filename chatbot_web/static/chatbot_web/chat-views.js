@@ -13,6 +13,7 @@ import {
   statusLabel,
   tokenCount,
 } from "chatbot/texts";
+import { isCut } from "chatbot/conversation";
 
 const BADGE_STATUSES = new Set(["stopped", "failed", "interrupted"]);
 const STICK_DISTANCE_PX = 48; // this close to the bottom, the list follows new text
@@ -310,6 +311,9 @@ class AnswerView {
     const actions = document.createElement("span");
     actions.className = "message-actions";
     if (answer.text) actions.append(actionButton("copy-answer", "📋", gettext("Copy"), gettext("Copy answer")));
+    if (answer.id && answer.text && isCut(answer)) {
+      actions.append(actionButton("continue-answer", "»", gettext("Continue"), gettext("Continue the answer")));
+    }
     if (answer.id) {
       actions.append(actionButton("regenerate", "↻", gettext("Regenerate"), gettext("Regenerate the answer")));
     }

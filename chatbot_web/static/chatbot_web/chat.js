@@ -297,10 +297,20 @@ function submitMessage() {
   chat.send(text);
 }
 
+// Both replace the answer's list item, and the button with it: keyboard focus goes to the
+// message box (where Escape stops the answer), not to the page body.
 function regenerate() {
   if (!chat.regenerable) return;
   hideComposerError();
   chat.regenerate();
+  ui.messageInput.focus();
+}
+
+function continueAnswer(answer) {
+  if (!answer || !chat.continuable(answer)) return;
+  hideComposerError();
+  chat.continueAnswer(answer);
+  ui.messageInput.focus();
 }
 
 /** Edit a sent question and send it again; the later turns go, which the editor says. */
@@ -464,6 +474,8 @@ function onMessageListClick(event) {
     copyText(messageList.messageAt(button)?.text ?? "", button);
   } else if (button.classList.contains("regenerate")) {
     regenerate();
+  } else if (button.classList.contains("continue-answer")) {
+    continueAnswer(messageList.messageAt(button));
   } else if (button.classList.contains("edit-question")) {
     editQuestion(messageList.messageAt(button));
   }

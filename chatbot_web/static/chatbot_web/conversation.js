@@ -362,6 +362,39 @@ export class Chat extends Emitter {
     return true;
   }
 
+  /** Whether `answer` can be continued now: the last one, cut by the token limit or a restart. */
+  continuable(answer) {
+    return (
+      !this.running &&
+      answer === this.messages.at(-1) &&
+      answer?.role === "assistant" &&
+      isCut(answer) &&
+      Boolean(answer.id && answer.text)
+    );
+  }
+
+  /**
+   * Ask the model to go on with a cut answer: the same answer grows (its stream restates the
+   * text so far, then writes on). Over HTTP whatever the transport, as edits; refused, the
+   * answer is put back as it was.
+   */
+  continueAnswer(old) {
+    if (!this.continuable(old)) return false;
+    const answer = new Answer({ text: old.text, model: old.model, streamed: old.streamed, createdAt: old.createdAt });
+    this.setMessages([...this.messages.slice(0, -1), answer], "continue");
+    const messageId = old.id;
+    const run = this.startRun(answer, { replaces: old, transport: this.httpTransport() });
+    this.drive(run, () => this.api.streamContinue({ messageId, signal: run.signal, onEvent: run.onEvent }));
+    return true;
+  }
+
+  httpTransport() {
+    return {
+      followEvents: (options) => this.api.followEvents(options),
+      stop: (messageId) => this.api.stopMessage(messageId),
+    };
+  }
+
   /** Whether `question` can be edited and sent again now. */
   editable(question) {
     return !this.running && Boolean(question.id) && this.messages.includes(question);
@@ -378,10 +411,6 @@ export class Chat extends Emitter {
     const answer = new Answer({ streamed: this.streaming() });
     this.setMessages([...before.slice(0, before.indexOf(question)), edited, answer], "send");
     const questionId = question.id;
-    const http = {
-      followEvents: (options) => this.api.followEvents(options),
-      stop: (messageId) => this.api.stopMessage(messageId),
-    };
     this.requestAnswer(
       answer,
       { question: edited, restore: before },
@@ -389,7 +418,7 @@ export class Chat extends Emitter {
         stream: (_transport, options) => this.api.streamEdit({ questionId, message: text, ...options }),
         json: (options) => this.api.editJson({ questionId, message: text, ...options }),
       },
-      http,
+      this.httpTransport(),
     );
     return true;
   }
@@ -597,6 +626,12 @@ export class Chat extends Emitter {
     if (run.replaces) messages.push(run.replaces);
     this.setMessages(messages, "undo");
   }
+}
+
+/** Whether an answer ended before its end: cut by the token limit, or by a server restart. */
+export function isCut(answer) {
+  const ending = answer.outcome;
+  return Boolean(ending) && (ending.finishReason === "length" || ending.status === "interrupted");
 }
 
 /** A broken connection, or a busy server while following a started answer: try again. */
