@@ -22,7 +22,7 @@ from django.contrib.auth.models import User
 from django.db import connection
 from rest_framework.authtoken.models import Token
 
-from chatbot_api.models import Message
+from chatbot_api.models import Message, UsageRecord
 from tests.support.cluster import RedisServer, Worker
 from tests.support.fake_openai import Script
 from tests.support.invariants import (
@@ -371,6 +371,51 @@ async def test_concurrent_regenerates_on_two_workers_make_one_answer(cluster, up
     assert statuses.count(200) == 1 and set(statuses) <= {200, 400, 404, 409}, statuses
     answers = [m async for m in Message.objects.filter(role="assistant")]
     assert len(answers) == 1 and answers[0].content == "again"
+
+
+async def test_a_worker_killed_mid_continuation_keeps_both_parts_and_another_worker_continues_it(
+    cluster, upstream, api_user, redis_server
+):
+    user, auth = api_user
+    a, b = cluster("a"), cluster("b")
+    upstream.enqueue(Script(chunks=["Part one."], finish_reason="length"))
+    async with httpx.AsyncClient(headers=auth, timeout=30) as http:
+        first = (await http.post(f"{a.origin}/api/chat/", json={"message": "Hi"})).json()
+        message_id = first["message_id"]
+        old_end = (await Message.objects.aget(pk=message_id)).last_seq
+        upstream.enqueue(long_answer())
+        on_a = Reader(http, "POST", f"{a.origin}/api/messages/{message_id}/continue")
+        await on_a.until(12)
+        # A reader on another worker that had read the answer to its old end: only the new part.
+        on_b = Reader(
+            http,
+            "GET",
+            f"{b.origin}/api/messages/{message_id}/events",
+            headers={"Last-Event-ID": str(old_end)},
+        )
+        await on_b.until(5)
+
+        a.kill(signal.SIGKILL)
+        await on_a.finish(5)
+        follower = await on_b.finish(READER_BOUND)
+        interrupted = await final_message(message_id)
+        upstream.enqueue(Script(chunks=[" The end."]))
+        again = (await http.post(f"{b.origin}/api/messages/{message_id}/continue")).json()
+
+    assert on_a.cut and [e["type"] for e in on_a.events[:2]] == ["meta", "snapshot"]
+    assert assert_one_terminal(follower)["code"] == "interrupted"
+    assert_seqs_unbroken(follower, after=old_end)
+    assert interrupted.status == "interrupted"
+    assert_stored_covers(interrupted, seen_text(on_a.events), "Part one." + seen_text(follower))
+    assert again["success"] and again["response"] == interrupted.content + " The end."
+    message = await final_message(message_id)
+    assert (message.content, message.continuations) == (again["response"], 2)
+    parts = [
+        part
+        async for part in UsageRecord.objects.filter(message_id=message_id).values_list("part", flat=True)
+    ]
+    assert sorted(parts) == [0, 1, 2]
+    await assert_no_leaked_slot(slot_counter(redis_server, user))
 
 
 # --- WebSockets and crowds ----------------------------------------------------------------------

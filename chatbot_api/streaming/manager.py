@@ -23,7 +23,7 @@ from ..providers import Chunk, Provider
 from .eventlog import EventLog, event_log_from_settings
 from .generation import Generation, GenerationRequest
 from .outcome import Outcome
-from .store import AnswerStore, _claim_orphans, _finish_orphan, _heartbeat
+from .store import AnswerStore, _claim_orphans, _finish_orphan, _heartbeat, _number_orphans_end
 from .tasks import detached_task
 
 logger = logging.getLogger("chatbot.generation")
@@ -198,16 +198,19 @@ class GenerationManager:
         return len(orphans)
 
     async def _close_orphan(self, orphan: dict, outcome: Outcome) -> None:
+        """Save the orphan's text as its log has it, then end its log, then give its slot back.
+
+        Saved before the log ends: a reader that got the terminal event and then reads the
+        message must find at least the text it saw.
+        """
         message_id = orphan["id"]
         content = orphan["content"]
         try:
             logged = await self.log.text(message_id)
             if logged and len(logged) > len(content):
                 content = logged  # what readers of the log saw, beyond the last flush
-            last_seq = await self.log.close_abandoned(message_id, *outcome.terminal_event())
-        except Exception:  # the readers' own liveness checks end them from the database
-            logger.warning("closing the event log of orphan %s failed", message_id, exc_info=True)
-            last_seq = None
+        except Exception:  # the flushed text is the best there is
+            logger.warning("reading the event log of orphan %s failed", message_id, exc_info=True)
         tokens = 0
         if content:
             from ..providers import get_provider
@@ -216,9 +219,15 @@ class GenerationManager:
             if orphan["continuations"]:  # only the part being written: the rest was counted
                 tokens = max(tokens - (orphan["completion_tokens"] or 0), 0)
         try:
-            await self.store.db.run(_finish_orphan, orphan, outcome.status, content, last_seq, tokens)
+            await self.store.db.run(_finish_orphan, orphan, outcome.status, content, tokens)
         except Exception:
             logger.error("saving orphan %s failed", message_id, exc_info=True)
+        try:
+            last_seq = await self.log.close_abandoned(message_id, *outcome.terminal_event())
+            if last_seq is not None:
+                await self.store.db.run(_number_orphans_end, message_id, last_seq)
+        except Exception:  # the readers' own liveness checks end them from the database
+            logger.warning("closing the event log of orphan %s failed", message_id, exc_info=True)
         await give_back(orphan["client_key"], slot=orphan["holds_slot"], tokens=tokens)
 
 

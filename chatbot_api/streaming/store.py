@@ -240,7 +240,11 @@ def _claim_orphans(
     return claimed
 
 
-def _finish_orphan(orphan: dict, status: str, content: str, last_seq: int | None, tokens: int) -> None:
+def _number_orphans_end(message_id: UUID, last_seq: int) -> None:
+    Message.objects.filter(pk=message_id).update(last_seq=last_seq)
+
+
+def _finish_orphan(orphan: dict, status: str, content: str, tokens: int) -> None:
     """Save a swept answer; `tokens` is what its last part wrote (earlier parts were counted)."""
     part = orphan["continuations"]
     with transaction.atomic():
@@ -248,8 +252,6 @@ def _finish_orphan(orphan: dict, status: str, content: str, last_seq: int | None
         updates: dict = {"completion_tokens": total, "tokens_estimated": True}
         if content != orphan["content"]:
             updates["content"] = content
-        if last_seq is not None:
-            updates["last_seq"] = last_seq
         Message.objects.filter(pk=orphan["id"]).update(**updates)
         if not UsageRecord.objects.filter(message_id=orphan["id"], part=part).exists():
             UsageRecord.objects.create(
