@@ -23,7 +23,14 @@ from ..providers import Chunk, Provider
 from .eventlog import EventLog, event_log_from_settings
 from .generation import Generation, GenerationRequest
 from .outcome import Outcome
-from .store import AnswerStore, _claim_orphans, _finish_orphan, _heartbeat, _number_orphans_end
+from .store import (
+    AnswerStore,
+    _claim_orphans,
+    _finish_orphan,
+    _heartbeat,
+    _number_orphans_end,
+    _orphan_candidates,
+)
 from .tasks import detached_task
 
 logger = logging.getLogger("chatbot.generation")
@@ -178,16 +185,21 @@ class GenerationManager:
     ) -> int:
         """End answers whose worker went quiet for `older_than` seconds, as `interrupted`.
 
-        Each is claimed in the database first (one sweeper wins), then its text is taken
-        from the event log when the log holds more than the last flush, the log gets its
-        terminal event (readers anywhere end), and its slot is given back.
+        Each is claimed in the database (one sweeper wins) with its text as the event log
+        has it when the log holds more than the last flush; then the log gets its terminal
+        event (readers anywhere end), and its slot is given back.
         """
         older_than = chatbot_setting("ORPHAN_AFTER") if older_than is None else older_than
         try:
             outcome = outcome or Outcome.interrupted()
-            orphans = await self.store.db.run(
-                _claim_orphans, older_than, message_id, list(self._running), outcome
+            rows, cutoff = await self.store.db.run(
+                _orphan_candidates, older_than, message_id, list(self._running)
             )
+            if not rows:
+                return 0
+            texts = await asyncio.gather(*(self._logged_text(row["id"]) for row in rows))
+            logged = {row["id"]: text for row, text in zip(rows, texts, strict=True)}
+            orphans = await self.store.db.run(_claim_orphans, rows, cutoff, logged, outcome)
         except Exception:
             logger.warning("sweeping orphaned answers failed", exc_info=True)
             return 0
@@ -197,20 +209,18 @@ class GenerationManager:
             logger.warning("marked %d orphaned answer(s) as interrupted", len(orphans))
         return len(orphans)
 
-    async def _close_orphan(self, orphan: dict, outcome: Outcome) -> None:
-        """Save the orphan's text as its log has it, then end its log, then give its slot back.
-
-        Saved before the log ends: a reader that got the terminal event and then reads the
-        message must find at least the text it saw.
-        """
-        message_id = orphan["id"]
-        content = orphan["content"]
+    async def _logged_text(self, message_id: UUID) -> str | None:
+        """An orphan's text as its log has it (readers may have seen more than the last flush)."""
         try:
-            logged = await self.log.text(message_id)
-            if logged and len(logged) > len(content):
-                content = logged  # what readers of the log saw, beyond the last flush
+            return await self.log.text(message_id)
         except Exception:  # the flushed text is the best there is
             logger.warning("reading the event log of orphan %s failed", message_id, exc_info=True)
+            return None
+
+    async def _close_orphan(self, orphan: dict, outcome: Outcome) -> None:
+        """Charge a claimed orphan, end its log, give its slot back."""
+        message_id = orphan["id"]
+        content = orphan["content"]
         tokens = 0
         if content:
             from ..providers import get_provider
@@ -219,7 +229,7 @@ class GenerationManager:
             if orphan["continuations"]:  # only the part being written: the rest was counted
                 tokens = max(tokens - (orphan["completion_tokens"] or 0), 0)
         try:
-            await self.store.db.run(_finish_orphan, orphan, outcome.status, content, tokens)
+            await self.store.db.run(_finish_orphan, orphan, outcome.status, tokens)
         except Exception:
             logger.error("saving orphan %s failed", message_id, exc_info=True)
         try:

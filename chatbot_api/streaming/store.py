@@ -199,20 +199,13 @@ def _heartbeat(message_ids: list[UUID], worker: str) -> None:
     )
 
 
-def _claim_orphans(
-    older_than: float, message_id: UUID | None, running: list[UUID], outcome: Outcome
-) -> list[dict]:
-    """Mark live answers whose heartbeat is older than `older_than` as interrupted; return them.
-
-    Each row is claimed by a conditional update, so of several sweepers (workers, readers)
-    exactly one goes on to close it. Answers this process runs are never claimed.
-    """
+def _orphan_candidates(older_than: float, message_id: UUID | None, running: list[UUID]) -> tuple:
+    """Live answers whose heartbeat is older than `older_than` (not this process's), and the cutoff."""
     cutoff = timezone.now() - timedelta(seconds=older_than)
     candidates = Message.objects.filter(status__in=Message.LIVE_STATUSES, heartbeat_at__lt=cutoff)
     if message_id is not None:
         candidates = candidates.filter(pk=message_id)
-    claimed = []
-    for row in candidates.exclude(pk__in=running).values(
+    rows = candidates.exclude(pk__in=running).values(
         "id",
         "content",
         "client_key",
@@ -224,11 +217,27 @@ def _claim_orphans(
         "model",
         "continuations",
         "completion_tokens",
-    )[:500]:
+    )[:500]
+    return list(rows), cutoff
+
+
+def _claim_orphans(rows: list[dict], cutoff, logged: dict[UUID, str], outcome: Outcome) -> list[dict]:
+    """Mark the candidates that are still orphans with `outcome`, with their text; return them.
+
+    Each row is claimed by a conditional update, so of several sweepers (workers, readers)
+    exactly one goes on to close it. The text is the longer of the last flush and the event
+    log's (`logged`), saved in the same update: nobody ever reads the ended answer shorter
+    than a client saw it.
+    """
+    claimed = []
+    for row in rows:
+        text = logged.get(row["id"])
+        content = text if text and len(text) > len(row["content"]) else row["content"]
         won = Message.objects.filter(
             pk=row["id"], status__in=Message.LIVE_STATUSES, heartbeat_at__lt=cutoff
         ).update(
             status=outcome.status,
+            content=content,
             error_code=outcome.code,
             error_message=outcome.message,
             finish_reason=outcome.finish_reason,
@@ -236,7 +245,7 @@ def _claim_orphans(
             holds_slot=False,
         )
         if won:
-            claimed.append(row)
+            claimed.append({**row, "content": content})
     return claimed
 
 
@@ -244,15 +253,12 @@ def _number_orphans_end(message_id: UUID, last_seq: int) -> None:
     Message.objects.filter(pk=message_id).update(last_seq=last_seq)
 
 
-def _finish_orphan(orphan: dict, status: str, content: str, tokens: int) -> None:
-    """Save a swept answer; `tokens` is what its last part wrote (earlier parts were counted)."""
+def _finish_orphan(orphan: dict, status: str, tokens: int) -> None:
+    """Charge a swept answer; `tokens` is what its last part wrote (earlier parts were counted)."""
     part = orphan["continuations"]
     with transaction.atomic():
         total = tokens + ((orphan["completion_tokens"] or 0) if part else 0)
-        updates: dict = {"completion_tokens": total, "tokens_estimated": True}
-        if content != orphan["content"]:
-            updates["content"] = content
-        Message.objects.filter(pk=orphan["id"]).update(**updates)
+        Message.objects.filter(pk=orphan["id"]).update(completion_tokens=total, tokens_estimated=True)
         if not UsageRecord.objects.filter(message_id=orphan["id"], part=part).exists():
             UsageRecord.objects.create(
                 message_id=orphan["id"],
