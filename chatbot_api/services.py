@@ -105,22 +105,10 @@ async def answer_regenerate(
     The old answer is deleted (its usage record stays); the new one is generated from
     the same history, so the question is not repeated in the model's context.
     """
-    old_answer = await message_get(owner=owner, message_id=message_id)
-    conversation = old_answer.conversation
-    last = await conversation.messages.order_by("-created_at").afirst()
-    if old_answer.role != Message.Role.ASSISTANT or last.pk != old_answer.pk:
-        raise ChatbotError("Only the last answer of a conversation can be regenerated.", code="invalid")
-    if old_answer.is_live:
-        raise ChatbotError(
-            "This answer is still being written: stop it first.", code="conflict", status_code=409
-        )
-    question = (
-        await conversation.messages.filter(role=Message.Role.USER, created_at__lt=old_answer.created_at)
-        .order_by("-created_at")
-        .afirst()
+    old_answer, question = await _last_answer_and_question(
+        owner=owner, message_id=message_id, verb="regenerated"
     )
-    if question is None:
-        raise ChatbotError("This answer has no question to answer again.", code="invalid")
+    conversation = old_answer.conversation
     provider = get_provider()
     prompt = await build_prompt(
         provider=provider, conversation=conversation, text=question.content, before=question.created_at
@@ -175,36 +163,40 @@ def _is_continuable(answer: Message) -> bool:
     )
 
 
-async def answer_continue(
-    *, owner: Owner, message_id, transport: str = "json", answer_id: UUID | None = None
-) -> Turn:
-    """Go on writing the last answer where the token limit (or a dead server) cut it.
-
-    The same message grows: its event log goes on numbering from where it ended (its
-    first events restate the text so far), the model is asked to continue that text, and
-    the new part has its own usage record. `answer_id`, if sent, must be the answer's id.
-    """
+async def _last_answer_and_question(*, owner: Owner, message_id, verb: str) -> tuple[Message, Message]:
+    """The last answer of its conversation, finished, and the question it answers; else 400/404/409."""
     answer = await message_get(owner=owner, message_id=message_id)
-    if answer_id is not None and answer_id != answer.id:
-        raise ChatbotError("answer_id must be the id of the answer continued.", code="invalid")
-    conversation = answer.conversation
-    last = await conversation.messages.order_by("-created_at").afirst()
+    last = await answer.conversation.messages.order_by("-created_at").afirst()
     if answer.role != Message.Role.ASSISTANT or last.pk != answer.pk:
-        raise ChatbotError("Only the last answer of a conversation can be continued.", code="invalid")
+        raise ChatbotError(f"Only the last answer of a conversation can be {verb}.", code="invalid")
     if answer.is_live:
-        raise ChatbotError("This answer is still being written.", code="conflict", status_code=409)
-    if not _is_continuable(answer):
         raise ChatbotError(
-            "Only an answer cut by the token limit or by a server restart can be continued.",
-            code="invalid",
+            "This answer is still being written: stop it first.", code="conflict", status_code=409
         )
     question = (
-        await conversation.messages.filter(role=Message.Role.USER, created_at__lt=answer.created_at)
+        await answer.conversation.messages.filter(role=Message.Role.USER, created_at__lt=answer.created_at)
         .order_by("-created_at")
         .afirst()
     )
     if question is None:
         raise ChatbotError("This answer has no question.", code="invalid")
+    return answer, question
+
+
+async def answer_continue(*, owner: Owner, message_id, transport: str = "json") -> Turn:
+    """Go on writing the last answer where the token limit (or a dead server) cut it.
+
+    The same message grows: its event log goes on numbering from where it ended (its
+    first events restate the text so far), the model is asked to continue that text, and
+    the new part has its own usage record.
+    """
+    answer, question = await _last_answer_and_question(owner=owner, message_id=message_id, verb="continued")
+    if not _is_continuable(answer):
+        raise ChatbotError(
+            "Only an answer cut by the token limit or by a server restart can be continued.",
+            code="invalid",
+        )
+    conversation = answer.conversation
     provider = get_provider()
     prompt = await build_prompt(
         provider=provider,
