@@ -82,3 +82,90 @@ async def test_frames_cut_anywhere_by_the_network_still_parse():
     assert "".join(c.text for c in chunks) == "Caffè ☕ pronto"
     assert [c.finish_reason for c in chunks if c.finish_reason] == ["stop"]
     assert [c.usage for c in chunks if c.usage] == [Usage(prompt_tokens=7, completion_tokens=3)]
+
+
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+ANSWER = frame(delta("Ciao")) + frame({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+
+
+async def keep_alive_upstream(*, end_body: bool):
+    """An HTTP/1.1 upstream that answers every request of a connection with ANSWER and [DONE].
+
+    With `end_body=False` it never sends the body's last chunk after [DONE] (nor closes), as
+    a broken server might. Returns the server and the list of connections it accepted.
+    """
+    connections: list[int] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer.get_extra_info("peername")[1])
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.lower().split(b"\r\n")
+                    if line.startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                writer.write(HEAD)
+                body = ANSWER + frame("[DONE]")
+                writer.write(f"{len(body):x}\r\n".encode() + body + b"\r\n")
+                if end_body:
+                    writer.write(b"0\r\n\r\n")
+                await writer.drain()
+                if not end_body:
+                    await reader.read()  # until the client gives the connection up
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0), connections
+
+
+def provider_for(server) -> OpenAIProvider:
+    port = server.sockets[0].getsockname()[1]
+    return OpenAIProvider(
+        api_key="sk-test",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        model_id="m",
+        connect_timeout=5,
+        max_retries=0,
+    )
+
+
+async def answer_text(provider: OpenAIProvider) -> str:
+    async with asyncio.timeout(10):
+        chunks = [
+            c async for c in provider.stream([{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0)
+        ]
+    return "".join(c.text for c in chunks)
+
+
+async def test_answers_in_a_row_share_one_connection_to_the_model_server():
+    # Reading each body to its end after [DONE] hands the connection back to the pool:
+    # closing it early would cost every answer a new TCP connection (and the server an accept).
+    server, connections = await keep_alive_upstream(end_body=True)
+    provider = provider_for(server)
+    try:
+        assert [await answer_text(provider) for _ in range(3)] == ["Ciao"] * 3
+    finally:
+        await provider.aclose()
+        server.close()
+    assert len(connections) == 1
+
+
+async def test_a_server_that_never_ends_its_body_after_done_still_ends_the_answer_at_once():
+    server, connections = await keep_alive_upstream(end_body=False)
+    provider = provider_for(server)
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        assert await answer_text(provider) == "Ciao"
+        assert loop.time() - started < 2.0  # END_OF_BODY_WAIT (0.1 s), far from any idle limit
+        assert await answer_text(provider) == "Ciao"  # the broken connection was not reused
+    finally:
+        await provider.aclose()
+        server.close()
+    assert len(connections) == 2
