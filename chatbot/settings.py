@@ -85,16 +85,18 @@ INSTALLED_APPS = [
     "chatbot_web",
 ]
 
+# Django's own middlewares, with their hooks run on the event loop instead of a thread
+# hop each (chatbot_api/middleware.py); the order is Django's usual one.
 MIDDLEWARE = [
-    "django.middleware.security.SecurityMiddleware",
+    "chatbot_api.middleware.SecurityMiddleware",
     "servestatic.middleware.ServeStaticMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.locale.LocaleMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "chatbot_api.middleware.SessionMiddleware",
+    "chatbot_api.middleware.LocaleMiddleware",
+    "chatbot_api.middleware.CommonMiddleware",
+    "chatbot_api.middleware.CsrfViewMiddleware",
+    "chatbot_api.middleware.AuthenticationMiddleware",
+    "chatbot_api.middleware.MessageMiddleware",
+    "chatbot_api.middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "chatbot.urls"
@@ -234,6 +236,7 @@ _chatbot_env = {
     "FLUSH_INTERVAL": env_number("CHATBOT_FLUSH_INTERVAL", None, minimum=0.01),
     "KEEPALIVE_INTERVAL": env_number("CHATBOT_KEEPALIVE_INTERVAL", None, minimum=0.01),
     "CANCEL_ON_DISCONNECT": env_bool("CHATBOT_CANCEL_ON_DISCONNECT", None),
+    "MAX_STARTING_ANSWERS": env_number("CHATBOT_MAX_STARTING_ANSWERS", None, int, minimum=0),
     "ALLOW_ANONYMOUS": env_bool("CHATBOT_ALLOW_ANONYMOUS", None),
     "REQUESTS_PER_MINUTE": env_number("CHATBOT_REQUESTS_PER_MINUTE", None, int, minimum=0),
     "CONCURRENT_STREAMS": env_number("CHATBOT_CONCURRENT_STREAMS", None, int, minimum=0),

@@ -2,6 +2,7 @@
 
 from django.core.checks import Error, Warning, register
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
 
 from .conf import chatbot_setting
 
@@ -76,8 +77,18 @@ def _middleware_problems(middleware) -> list:
     return [
         Error(f"{name} is not in MIDDLEWARE: add it ({why}).", id="chatbot.E012")
         for name, why in needed
-        if name not in middleware
+        if not any(_is_subclass(entry, name) for entry in middleware)
     ]
+
+
+def _is_subclass(entry: str, name: str) -> bool:
+    """`entry` is the middleware `name` or a subclass of it (chatbot_api.middleware's are)."""
+    if entry == name:
+        return True
+    try:
+        return issubclass(import_string(entry), import_string(name))
+    except (ImportError, TypeError):
+        return False
 
 
 def _cache_problems(backend: str) -> list:
