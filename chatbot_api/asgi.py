@@ -18,19 +18,20 @@ WEBSOCKET_CLOSE_NOT_FOUND = 4404  # an application close code: no WebSocket at t
 
 
 def get_asgi_application(http_application=None):
-    """HTTP (the site's Django app unless given), the chat WebSocket, lifespan (sweep, drain)."""
+    """HTTP (the site's Django app unless given, behind load shedding), the chat WebSocket, lifespan."""
     http_application = http_application or get_django_asgi_application()  # sets Django up first
 
     from channels.auth import AuthMiddlewareStack
     from channels.routing import ProtocolTypeRouter
     from channels.security.websocket import AllowedHostsOriginValidator
 
+    from .admission import AnswerAdmission
     from .lifespan import LifespanMiddleware
 
     return LifespanMiddleware(
         ProtocolTypeRouter(
             {
-                "http": http_application,
+                "http": AnswerAdmission(http_application),
                 "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(ChatWebSocketRouter())),
             }
         )

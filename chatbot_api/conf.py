@@ -43,6 +43,8 @@ DEFAULTS: dict[str, object] = {
     "EVENT_LOG_TTL": 600.0,
     "ORPHAN_AFTER": 30.0,
     "SHUTDOWN_GRACE": 10.0,
+    # Load shedding: answers one worker starts at once before it answers 503 server_busy (0 = off)
+    "MAX_STARTING_ANSWERS": 32,
     # Who may chat, and how much (0 switches a limit off; staff override per user)
     "ALLOW_ANONYMOUS": True,
     "REQUESTS_PER_MINUTE": 20,

@@ -19,7 +19,7 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
 
-from . import __version__, export, login_throttle, selectors, services
+from . import __version__, admission, export, login_throttle, selectors, services
 from .authentication import BearerTokenAuthentication, CsrfSessionAuthentication
 from .errors import ChatbotError, api_exception_handler, status_for_code
 from .identity import owner_for
@@ -79,6 +79,11 @@ class ApiPolicy:
     def get_exception_handler(self):
         return api_exception_handler
 
+    @classmethod
+    def busy_body(cls, message: str, code: str, status: int) -> dict:
+        """The error body of a request refused before it reached the view (`admission`)."""
+        return admission.default_busy_body(message, code, status)
+
 
 class ApiView(ApiPolicy, AsyncAPIView):
     """Base of the API views: errors are always JSON, whatever the client asked to receive."""
@@ -108,6 +113,7 @@ SEQ_SCHEMA = {"type": "integer", "minimum": 0}
 
 
 class ChatView(ApiView):
+    starts_answer = True  # admission: counted while it starts, refused when too many do
     renderer_classes = [JSONRenderer, transports.EventStreamRenderer, transports.NDJSONRenderer]
 
     @extend_schema(
@@ -136,11 +142,12 @@ class ChatView(ApiView):
             answer_id=data.get("answer_id"),
             model=data.get("model"),
         )
-        return await answer_response(turn, transport=transport, is_streaming=data["streaming"])
+        return await answer_response(request, turn, transport=transport, is_streaming=data["streaming"])
 
 
-async def answer_response(turn: services.Turn, *, transport: str, is_streaming: bool):
+async def answer_response(request, turn: services.Turn, *, transport: str, is_streaming: bool):
     """The new answer in the negotiated transport: a stream, or the seed's assembled JSON."""
+    admission.started(request)  # its model request is out: what follows is relaying
     message = turn.assistant_message
     if transport == "sse":
         return transports.sse_response(follow.follow_events(message=message, keepalives=True))
@@ -169,6 +176,7 @@ async def answer_response(turn: services.Turn, *, transport: str, is_streaming: 
 
 
 class MessageRegenerateView(ApiView):
+    starts_answer = True
     renderer_classes = ChatView.renderer_classes
 
     @extend_schema(
@@ -193,10 +201,11 @@ class MessageRegenerateView(ApiView):
             transport=transport,
             answer_id=serializer.validated_data.get("answer_id"),
         )
-        return await answer_response(turn, transport=transport, is_streaming=transport != "json")
+        return await answer_response(request, turn, transport=transport, is_streaming=transport != "json")
 
 
 class MessageContinueView(ApiView):
+    starts_answer = True
     renderer_classes = ChatView.renderer_classes
 
     @extend_schema(
@@ -215,10 +224,11 @@ class MessageContinueView(ApiView):
         turn = await services.answer_continue(
             owner=await owner_for(request), message_id=message_id, transport=transport
         )
-        return await answer_response(turn, transport=transport, is_streaming=transport != "json")
+        return await answer_response(request, turn, transport=transport, is_streaming=transport != "json")
 
 
 class MessageEditView(ApiView):
+    starts_answer = True
     renderer_classes = ChatView.renderer_classes
 
     @extend_schema(
@@ -240,7 +250,7 @@ class MessageEditView(ApiView):
             transport=transport,
             answer_id=serializer.validated_data.get("answer_id"),
         )
-        return await answer_response(turn, transport=transport, is_streaming=transport != "json")
+        return await answer_response(request, turn, transport=transport, is_streaming=transport != "json")
 
 
 def after_from(request) -> int:

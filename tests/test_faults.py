@@ -30,7 +30,7 @@ from tests.support.invariants import (
     final_message,
     seen_text,
 )
-from tests.support.sse import read_frames
+from tests.support.sse import frames_in, read_frames
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -463,3 +463,86 @@ async def test_an_edit_while_an_answer_is_written_is_refused_and_the_answer_live
     assert live.status == Message.Status.STOPPED
     assert_stored_covers(live, "".join(e["text"] for e in head if e["type"] == "delta"))
     await assert_no_leaked_slot(slots)
+
+
+def answer_admission():
+    """The load-shedding gate of the served application (chatbot.asgi)."""
+    from chatbot.asgi import application
+
+    return application.app.application_mapping["http"]
+
+
+async def test_a_worker_starting_too_many_answers_refuses_more_at_once_and_frees_its_slots(
+    live_server_url, upstream, chatbot_settings
+):
+    # Two answers hang while they start, for real: another connection locks the table the
+    # turn's INSERT writes to. The third is refused by the gate before Django sees it.
+    if connection.vendor != "postgresql":
+        pytest.skip("needs PostgreSQL (a table lock that makes INSERTs wait): run scripts/test-backends.sh")
+    import httpx
+    import psycopg
+
+    chatbot_settings(MAX_STARTING_ANSWERS=2, CONCURRENT_STREAMS=0, REQUESTS_PER_MINUTE=0)
+    upstream.default = Script(chunks=["Ciao", " a", " tutti"])
+    db = connection.settings_dict
+    locker = await psycopg.AsyncConnection.connect(
+        host=db["HOST"] or "127.0.0.1", port=db["PORT"] or 5432, user=db["USER"], dbname=db["NAME"]
+    )
+    await locker.execute("BEGIN")
+    await locker.execute("LOCK TABLE chatbot_api_conversation IN EXCLUSIVE MODE")
+
+    async def waiting_inserts() -> int:
+        await locker.execute("SELECT pg_stat_clear_snapshot()")  # a transaction sees one snapshot
+        row = await (
+            await locker.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = %s",
+                [db["NAME"]],
+            )
+        ).fetchone()
+        return row[0]
+
+    async with httpx.AsyncClient(base_url=live_server_url, timeout=20) as client:
+
+        async def chat() -> list[dict]:
+            async with client.stream(
+                "POST", "/api/chat/", json={"message": "Hi"}, headers={"Accept": "text/event-stream"}
+            ) as response:
+                assert response.status_code == 200
+                return [frame["data"] async for frame in frames_in(response.aiter_raw())]
+
+        held = [asyncio.create_task(chat()) for _ in range(2)]
+        try:
+            async with asyncio.timeout(10):
+                while await waiting_inserts() < 2 or answer_admission().starting < 2:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)  # polling PostgreSQL: no event to wait for
+            refused = await client.post("/api/chat/", json={"message": "One too many"})
+            completions = await client.post(
+                "/v1/chat/completions",
+                json={"model": "gpt-4.1-nano", "messages": [{"role": "user", "content": "Hi"}]},
+            )
+            assert answer_admission().starting == 2
+        finally:
+            await locker.rollback()  # the held answers go on
+            await locker.close()
+        async with asyncio.timeout(20):
+            streams = await asyncio.gather(*held)
+
+        assert refused.status_code == 503
+        assert refused.headers["Retry-After"] == "1"
+        assert refused.json() == {
+            "success": False,
+            "error": "This server is starting too many answers at once; try again in a moment.",
+            "code": "server_busy",
+            "retryable": True,
+        }
+        assert completions.status_code == 503
+        assert completions.json()["error"]["code"] == "server_busy"  # OpenAI's error shape there
+        for events in streams:
+            assert assert_one_terminal(events)["type"] == "done"
+            message = await final_message(events[0]["message_id"])
+            assert_stored_covers(message, seen_text(events))
+        await assert_no_leaked_slot(lambda: answer_admission().starting)
+        client.cookies.clear()  # cookie-less, as the others: a session cookie would need CSRF
+        again = await client.post("/api/chat/", json={"message": "Now there is room"})
+        assert again.status_code == 200 and again.json()["success"] is True
+    assert await Message.objects.acount() == 6  # the refused requests saved nothing

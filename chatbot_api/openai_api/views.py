@@ -9,7 +9,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.response import Response
 
-from .. import selectors, services
+from .. import admission, selectors, services
 from ..authentication import BearerTokenAuthentication
 from ..errors import NotFound, api_exception_handler, status_for_code
 from ..identity import owner_for
@@ -54,8 +54,14 @@ class OpenAIView(ApiView):
     def get_exception_handler(self):
         return openai_exception_handler
 
+    @classmethod
+    def busy_body(cls, message: str, code: str, status: int) -> dict:
+        return wire.error_object(message, code, status)
+
 
 class ChatCompletionsView(OpenAIView):
+    starts_answer = True  # admission: counted while it starts, refused when too many do
+
     @extend_schema(
         operation_id="openai_chat_completions",
         request=wire.ChatCompletionRequestSerializer,
@@ -95,6 +101,7 @@ class ChatCompletionsView(OpenAIView):
             stop=data.get("stop"),
             conversation_id=request.headers.get("X-Conversation-Id") or data.get("conversation_id"),
         )
+        admission.started(request)  # its model request is out: what follows is relaying
         message = turn.assistant_message
         headers = {"X-Conversation-Id": str(turn.conversation.id)}
         if data["stream"]:

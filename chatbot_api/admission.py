@@ -1,0 +1,111 @@
+"""Load shedding: a worker refuses new answers at once when too many are already starting.
+
+Starting an answer is the expensive part of its life in this process (request parsing,
+limits, the turn's INSERTs, the model's request: ~15 ms of CPU, docs/benchmarks.md);
+relaying its tokens afterwards is cheap. A worker asked to start more answers than its
+event loop can keep up with would otherwise queue them all: every new request waits
+seconds for its first token while the running streams stutter. So each worker counts the
+answer requests between their arrival and the moment their answer has started (the
+response begins, or a JSON-mode view says so), and past `CHATBOT_MAX_STARTING_ANSWERS`
+answers the rest with 503 `server_busy` and `Retry-After` before Django sees them: a
+client (or a load balancer) retries, here or on another worker.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from .conf import chatbot_setting
+from .errors import error_body
+
+RETRY_AFTER = 1  # seconds: a starting answer takes milliseconds, so room comes back quickly
+BUSY_MESSAGE = "This server is starting too many answers at once; try again in a moment."
+ADMITTED = "chatbot.admitted"  # the scope key of the request's release callable
+
+
+class AnswerAdmission:
+    """ASGI middleware in front of Django: at most N answers starting at once in this process."""
+
+    def __init__(self, app):
+        self.app = app
+        self.starting = 0
+        self.refused = 0
+
+    async def __call__(self, scope, receive, send):
+        limit = chatbot_setting("MAX_STARTING_ANSWERS")
+        view_class = _answer_view(scope) if limit and scope["type"] == "http" else None
+        if view_class is None:
+            return await self.app(scope, receive, send)
+        if self.starting >= limit:
+            self.refused += 1
+            return await _refuse(view_class, send)
+        self.starting += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.starting -= 1
+
+        async def send_and_release(message):
+            if message["type"] == "http.response.start":
+                release()
+            await send(message)
+
+        try:
+            await self.app({**scope, ADMITTED: release}, receive, send_and_release)
+        finally:
+            release()
+
+
+def started(request) -> None:
+    """The answer of `request` has started (its model request is out): it no longer counts."""
+    release = getattr(request, "scope", {}).get(ADMITTED)
+    if release is not None:
+        release()
+
+
+def _answer_view(scope):
+    """The view class of a request that starts an answer (`starts_answer`), else None."""
+    if scope.get("method") != "POST":
+        return None
+    path = scope["path"]
+    root_path = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        path = path[len(root_path) :]
+    return _view_class_for(path)
+
+
+@lru_cache(maxsize=4096)  # bounded: paths of regenerate/edit carry message ids
+def _view_class_for(path: str):
+    from django.urls import Resolver404, resolve
+
+    try:
+        match = resolve(path)
+    except Resolver404:
+        return None
+    view_class = getattr(match.func, "view_class", None)
+    return view_class if getattr(view_class, "starts_answer", False) else None
+
+
+async def _refuse(view_class, send) -> None:
+    status = 503
+    body = view_class.busy_body(BUSY_MESSAGE, "server_busy", status)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"retry-after", str(RETRY_AFTER).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+def default_busy_body(message: str, code: str, status: int) -> dict:
+    return error_body(message, code, retryable=True)
