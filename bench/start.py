@@ -7,9 +7,8 @@ One server (one uvicorn worker, the product's defaults, SQLite), one fake upstre
 answers one chunk at once, and sequential requests: so the server's CPU per request is
 the cost of a started answer (request parsing → limits → turn saved → upstream request
 sent → first event written → outcome saved), with almost no per-token work in it.
-With `--profile`, py-spy samples the server during the token client's requests and the
-busy samples (py-spy leaves idle threads out) are split into the steps listed in `STEPS` (a sample counts for the first step,
-from the top of its stack, whose pattern it contains).
+With `--profile`, py-spy samples the server during the token client's requests and its
+busy samples are split into the steps of `STEPS` and `LAYERS` (see `_step`).
 """
 
 from __future__ import annotations
@@ -171,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:28} server CPU per started answer {seconds * 1000:.2f} ms (n={args.requests})")
     for name, runs in ttfts.items():
         summary = Summary.of([stream.ttft for stream in runs])
-        print(
-            f"{name:28} TTFT (not added: the upstream's own is ~2 ms) p50 {ms(summary.p50)} · p99 {ms(summary.p99)}"
-        )
+        print(f"{name:28} TTFT p50 {ms(summary.p50)} · p99 {ms(summary.p99)} (the upstream's own included)")
     for step, share in breakdown(samples):
         print(f"  {share * 100:5.1f}%  {step}")
     return 0
