@@ -9,10 +9,16 @@ answer requests between their arrival and the moment their answer has started (t
 response begins, or a JSON-mode view says so), and past `CHATBOT_MAX_STARTING_ANSWERS`
 answers the rest with 503 `server_busy` and `Retry-After` before Django sees them: a
 client (or a load balancer) retries, here or on another worker.
+
+A burst can outrun that count: requests wait in the event loop's queue before they reach
+the gate, where no count sees them. So the gate also watches the loop itself: while its
+smoothed lag (a probe that sleeps 10 ms and measures how late it wakes) is over
+`MAX_LOOP_LAG`, new answers are refused too, and the work already admitted catches up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from functools import lru_cache
 
@@ -22,6 +28,9 @@ from .errors import error_body
 RETRY_AFTER = 1  # seconds: a starting answer takes milliseconds, so room comes back quickly
 BUSY_MESSAGE = "This server is starting too many answers at once; try again in a moment."
 ADMITTED = "chatbot.admitted"  # the scope key of the request's release callable
+MAX_LOOP_LAG = 0.1  # seconds of smoothed event-loop lag past which new answers are refused
+LAG_PROBE = 0.01  # seconds between the lag probe's wake-ups
+LAG_SMOOTHING = 0.3  # weight of the newest probe: one 100 ms pause alone does not refuse anybody
 
 
 class AnswerAdmission:
@@ -31,13 +40,17 @@ class AnswerAdmission:
         self.app = app
         self.starting = 0
         self.refused = 0
+        self.loop_lag = 0.0  # smoothed, seconds
+        self._probe: asyncio.Task | None = None
 
     async def __call__(self, scope, receive, send):
         limit = chatbot_setting("MAX_STARTING_ANSWERS")
         view_class = _answer_view(scope) if limit and scope["type"] == "http" else None
         if view_class is None:
             return await self.app(scope, receive, send)
-        if self.starting >= limit:
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._watch_loop_lag(), name="chatbot-loop-lag")
+        if self.starting >= limit or self.loop_lag > MAX_LOOP_LAG:
             self.refused += 1
             return await _refuse(view_class, send)
         self.starting += 1
@@ -58,6 +71,14 @@ class AnswerAdmission:
             await self.app({**scope, ADMITTED: release}, receive, send_and_release)
         finally:
             release()
+
+    async def _watch_loop_lag(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(LAG_PROBE)
+            late = max(loop.time() - asked - LAG_PROBE, 0.0)
+            self.loop_lag += LAG_SMOOTHING * (late - self.loop_lag)
 
 
 def started(request) -> None:

@@ -30,6 +30,7 @@ from tests.support.invariants import (
     final_message,
     seen_text,
 )
+from tests.support.servers import answer_admission
 from tests.support.sse import frames_in, read_frames
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -463,13 +464,6 @@ async def test_an_edit_while_an_answer_is_written_is_refused_and_the_answer_live
     assert live.status == Message.Status.STOPPED
     assert_stored_covers(live, "".join(e["text"] for e in head if e["type"] == "delta"))
     await assert_no_leaked_slot(slots)
-
-
-def answer_admission():
-    """The load-shedding gate of the served application (chatbot.asgi)."""
-    from chatbot.asgi import application
-
-    return application.app.application_mapping["http"]
 
 
 async def test_a_worker_starting_too_many_answers_refuses_more_at_once_and_frees_its_slots(

@@ -50,3 +50,15 @@ class UvicornThread:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+def answer_admission():
+    """The load-shedding gate inside the served application (chatbot.asgi)."""
+    from chatbot.asgi import application
+    from chatbot_api.admission import AnswerAdmission
+
+    app = application
+    while not isinstance(app, AnswerAdmission):
+        mapping = getattr(app, "application_mapping", None)
+        app = mapping["http"] if mapping else app.app  # LifespanMiddleware → router → the gate
+    return app
