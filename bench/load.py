@@ -43,6 +43,8 @@ class Stream:
     error: str = ""
     message_id: str = ""
     completion_tokens: int | None = None  # from the usage event, when there is one
+    status: int = 0  # the HTTP status (0: none, e.g. a WebSocket or a failed connection)
+    answered: float | None = None  # arrival of the response's headers
 
     @property
     def ok(self) -> bool:
@@ -118,6 +120,7 @@ def _record(stream: Stream, kind: str, payload: bytes, now: float) -> bool:
 
 
 async def _read_http(stream: Stream, response: httpx.Response, separator: bytes, parse) -> None:
+    stream.answered, stream.status = time.perf_counter(), response.status_code
     if response.status_code != 200:
         stream.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
         return

@@ -7,6 +7,7 @@ Scenarios (docs/benchmarks.md explains each number and its target):
     db       database writes per answer vs answer length, token count and flush interval
     local    tokens/s of the local model through the server vs llama.cpp in one process
     stop     from the stop request to the upstream connection closing
+    overload a burst of new answers on top of running streams: refused at once, or started
     workers  opt-in (needs Redis and PostgreSQL): 250 and 500 streams on 1 and 2 workers
              sharing the Redis event log and PostgreSQL (BENCH_REDIS_URL, BENCH_POSTGRES_URL)
 
@@ -42,7 +43,7 @@ from bench import load, servers
 from bench.load import Stream, Summary, WebSocketChat, http_client, message
 from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, Script
 
-SCENARIOS = ("latency", "scale", "db", "local", "stop", "workers")
+SCENARIOS = ("latency", "scale", "db", "local", "stop", "overload", "workers")
 OPT_IN = ("workers",)  # needs Redis and PostgreSQL: only with --scenario
 RESULTS = servers.ROOT / "bench" / "results" / "latest.md"
 LOCAL_PROMPT = "Write a short story about a robot who learns to paint."
@@ -71,6 +72,7 @@ class Plan:
     stop_interval: float
     local_tokens: int
     local_pairs: int
+    overload: tuple[int, int, float]  # (streams running, burst of new requests, seconds the burst takes)
 
     @classmethod
     def full(cls, runs: int) -> Plan:
@@ -79,6 +81,7 @@ class Plan:
             steps=(50, 100, 250, 500, 1000), worker_steps=(250, 500), step_interval=0.05, ramp=20.0, hold=5.0,
             db_configs=((64, 0.0, 0.25), (64, 0.02, 0.25), (256, 0.005, 0.25), (64, 0.02, 0.1)),
             db_answers=runs, stops=4 * runs, stop_interval=0.1, local_tokens=128, local_pairs=2 * runs,
+            overload=(200, 200, 2.0),
         )  # fmt: skip
 
     @classmethod
@@ -88,6 +91,7 @@ class Plan:
             steps=(2, 5), worker_steps=(2,), step_interval=0.05, ramp=0.2, hold=0.3,
             db_configs=((16, 0.0, 0.25), (16, 0.02, 0.25), (64, 0.005, 0.25)),
             db_answers=1, stops=1, stop_interval=0.05, local_tokens=16, local_pairs=1,
+            overload=(3, 6, 0.05),
         )  # fmt: skip
 
 
@@ -583,12 +587,75 @@ async def stop(bench: Bench) -> list[Row]:
     return rows
 
 
+# --- 7: overload -----------------------------------------------------------------------------------
+
+OVERLOAD_OPEN_RATE = 20.0  # new streams a second while the running ones open: what a worker starts easily
+OVERLOAD_RUNNING_SECONDS = 8.0  # how long the running streams last once all are open: past the burst
+
+
+async def overload(bench: Bench) -> list[Row]:
+    """Streams running, then a burst of new answers faster than one worker can start them.
+
+    The worker should refuse what it cannot start soon (503 `server_busy`, Retry-After) at
+    once, start the rest, and keep the running streams' gaps small.
+    """
+    plan = bench.plan
+    running_count, burst_count, burst_seconds = plan.overload
+    opening = running_count / OVERLOAD_OPEN_RATE
+    chunks = int((opening + OVERLOAD_RUNNING_SECONDS) / plan.step_interval)
+    running_text = message(chunks=chunks, interval=plan.step_interval)
+    burst_text = message(chunks=20, interval=plan.step_interval)
+    scenario = (
+        f"7. Overload: {burst_count} new answers in {burst_seconds:g} s on {running_count} running streams"
+    )
+    async with http_client() as client:  # the control: the same burst straight to the upstream
+        direct = functools.partial(load.direct, client, bench.upstream.url, burst_text)
+        control = await load.ramped(direct, burst_count, burst_seconds)
+    with bench.server() as server:
+        async with http_client() as client:
+            for _ in range(3):
+                await load.sse(client, server.url, WARM_UP)
+            running = asyncio.create_task(
+                load.ramped(
+                    functools.partial(load.sse, client, server.url, running_text), running_count, opening
+                )
+            )
+            await asyncio.sleep(opening + 1.0)  # all open and streaming
+            burst = await load.ramped(
+                functools.partial(load.sse, client, server.url, burst_text), burst_count, burst_seconds
+            )
+            streams = await running
+        server.check_alive()
+    refused = [s for s in burst if s.status == 503]
+    admitted = [s for s in burst if s.status == 200]
+    other = [s for s in burst if s.status not in (200, 503)]
+    refusal = Summary.of([s.answered - s.start for s in refused if s.answered is not None])
+    baseline = Summary.of([s.answered - s.start for s in control if s.answered is not None])
+    worst_gap = max((gap for s in streams for gap in s.gaps), default=float("nan"))
+    running_errors = sum(not s.ok for s in streams)
+    admitted_errors = sum(not s.ok for s in admitted)
+    rows = [
+        Row(scenario, "new answers refused (503 server_busy) → time to the refusal",
+            f"{len(refused)} of {burst_count} refused: p50 {ms(refusal.p50)} · p99 {ms(refusal.p99)} (the "
+            f"same burst to the upstream, to its headers: p50 {ms(baseline.p50)} · p99 {ms(baseline.p99)}); "
+            f"{len(admitted)} started (TTFT {quantiles(_ttfts(admitted))}, {admitted_errors} failed); "
+            f"{len(other)} other", "refusals ≤ 50 ms (p99)",
+            (refusal.p99 <= 0.05 if refused else None)),
+        Row(scenario, f"the {running_count} running streams during the burst",
+            f"worst gap {ms(worst_gap)}; {running_errors} ended in error", "gaps ≤ 200 ms, no error",
+            worst_gap <= 0.2 and running_errors == 0),
+    ]  # fmt: skip
+    if other or running_errors:
+        rows.append(Row(scenario, "failures", _failures([*other, *streams]), "none", False))
+    return rows
+
+
 # --- the run -------------------------------------------------------------------------------------
 
 
 RUNNERS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "latency": latency, "scale": scale, "db": db_writes, "local": local_model, "stop": stop,
-    "workers": workers,
+    "overload": overload, "workers": workers,
 }  # fmt: skip
 
 

@@ -51,6 +51,7 @@ SERVER_ENV = {
     "CHATBOT_REQUESTS_PER_MINUTE": "0",
     "CHATBOT_CONCURRENT_STREAMS": "0",
     "CHATBOT_TOKENS_PER_DAY": "0",
+    "CHATBOT_MAX_STARTING_ANSWERS": "",  # the product's load shedding, as deployed
     "PYTHONUNBUFFERED": "1",
 }
 

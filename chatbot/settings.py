@@ -237,6 +237,7 @@ _chatbot_env = {
     "KEEPALIVE_INTERVAL": env_number("CHATBOT_KEEPALIVE_INTERVAL", None, minimum=0.01),
     "CANCEL_ON_DISCONNECT": env_bool("CHATBOT_CANCEL_ON_DISCONNECT", None),
     "MAX_STARTING_ANSWERS": env_number("CHATBOT_MAX_STARTING_ANSWERS", None, int, minimum=0),
+    "MAX_LOOP_LAG": env_number("CHATBOT_MAX_LOOP_LAG", None, minimum=0),
     "ALLOW_ANONYMOUS": env_bool("CHATBOT_ALLOW_ANONYMOUS", None),
     "REQUESTS_PER_MINUTE": env_number("CHATBOT_REQUESTS_PER_MINUTE", None, int, minimum=0),
     "CONCURRENT_STREAMS": env_number("CHATBOT_CONCURRENT_STREAMS", None, int, minimum=0),

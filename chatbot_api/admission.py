@@ -13,7 +13,8 @@ client (or a load balancer) retries, here or on another worker.
 A burst can outrun that count: requests wait in the event loop's queue before they reach
 the gate, where no count sees them. So the gate also watches the loop itself: while its
 smoothed lag (a probe that sleeps 10 ms and measures how late it wakes) is over
-`MAX_LOOP_LAG`, new answers are refused too, and the work already admitted catches up.
+`CHATBOT_MAX_LOOP_LAG`, new answers are refused too, and the work already admitted
+catches up.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from .errors import error_body
 RETRY_AFTER = 1  # seconds: a starting answer takes milliseconds, so room comes back quickly
 BUSY_MESSAGE = "This server is starting too many answers at once; try again in a moment."
 ADMITTED = "chatbot.admitted"  # the scope key of the request's release callable
-MAX_LOOP_LAG = 0.1  # seconds of smoothed event-loop lag past which new answers are refused
 LAG_PROBE = 0.01  # seconds between the lag probe's wake-ups
 LAG_SMOOTHING = 0.3  # weight of the newest probe: one 100 ms pause alone does not refuse anybody
 
@@ -48,9 +48,10 @@ class AnswerAdmission:
         view_class = _answer_view(scope) if limit and scope["type"] == "http" else None
         if view_class is None:
             return await self.app(scope, receive, send)
-        if self._probe is None or self._probe.done():
+        max_lag = chatbot_setting("MAX_LOOP_LAG")
+        if max_lag and (self._probe is None or self._probe.done()):
             self._probe = asyncio.create_task(self._watch_loop_lag(), name="chatbot-loop-lag")
-        if self.starting >= limit or self.loop_lag > MAX_LOOP_LAG:
+        if self.starting >= limit or (max_lag and self.loop_lag > max_lag):
             self.refused += 1
             return await _refuse(view_class, send)
         self.starting += 1

@@ -43,8 +43,10 @@ DEFAULTS: dict[str, object] = {
     "EVENT_LOG_TTL": 600.0,
     "ORPHAN_AFTER": 30.0,
     "SHUTDOWN_GRACE": 10.0,
-    # Load shedding: answers one worker starts at once before it answers 503 server_busy (0 = off)
-    "MAX_STARTING_ANSWERS": 32,
+    # Load shedding (chatbot_api/admission.py): a worker answers new answers 503 server_busy
+    # past this many starting at once, or while its event loop lags more than this (0 = off)
+    "MAX_STARTING_ANSWERS": 8,
+    "MAX_LOOP_LAG": 0.1,
     # Who may chat, and how much (0 switches a limit off; staff override per user)
     "ALLOW_ANONYMOUS": True,
     "REQUESTS_PER_MINUTE": 20,

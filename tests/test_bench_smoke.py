@@ -23,6 +23,7 @@ SCENARIOS = (
     "3. Streams per worker",
     "4. Database writes per answer",
     "6. Stop",
+    "7. Overload",
 )
 
 
