@@ -476,7 +476,7 @@ async def test_a_worker_starting_too_many_answers_refuses_more_at_once_and_frees
     import httpx
     import psycopg
 
-    chatbot_settings(MAX_STARTING_ANSWERS=2, CONCURRENT_STREAMS=0, REQUESTS_PER_MINUTE=0)
+    chatbot_settings(MAX_STARTING_ANSWERS=2, MAX_LOOP_LAG=0, CONCURRENT_STREAMS=0, REQUESTS_PER_MINUTE=0)
     upstream.default = Script(chunks=["Ciao", " a", " tutti"])
     db = connection.settings_dict
     locker = await psycopg.AsyncConnection.connect(

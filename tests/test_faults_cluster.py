@@ -82,6 +82,8 @@ def cluster(redis_server, upstream, fake_server):
         "CHATBOT_SHUTDOWN_GRACE": "2",
         "CHATBOT_CONCURRENT_STREAMS": "500",
         "CHATBOT_REQUESTS_PER_MINUTE": "0",
+        # Storms of 200 answers at once test other things than load shedding (test_faults.py does).
+        "CHATBOT_MAX_STARTING_ANSWERS": "0",
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
         "DJANGO_LOG_LEVEL": "WARNING",
         "PYTHONUNBUFFERED": "1",

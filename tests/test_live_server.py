@@ -128,7 +128,7 @@ async def test_a_worker_whose_event_loop_lags_refuses_new_answers_until_it_catch
     # error shape, and accepted again once the loop keeps up.
     import threading
 
-    chatbot_settings(MAX_LOOP_LAG=0.1)
+    chatbot_settings(MAX_STARTING_ANSWERS=8, MAX_LOOP_LAG=0.1)
     gate = answer_admission()
     async with httpx.AsyncClient(base_url=live_server_url, timeout=20) as client:
         first = await client.post("/api/chat/", json={"message": "Hi"})
