@@ -37,6 +37,7 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("saving the turn", ("_create_turn", "_save_turn")),
     ("outcome and usage saved", ("chatbot_api/streaming/outcome.py", "chatbot_api/streaming/store.py")),
     ("limits", ("chatbot_api/limits.py",)),
+    ("load shedding's loop-lag probe", ("_watch_loop_lag",)),
     (
         "authentication, owner",
         (
@@ -75,6 +76,9 @@ PASS_THROUGH = (
     "MiddlewareMixin.__acall__",
     "convert_exception_to_response",
     "ServeStaticMiddleware.__call__",
+    "InlineHooks.__acall__",
+    "AnswerAdmission.__call__",  # and its send wrapper
+    "LifespanMiddleware.__call__",
 )
 
 
