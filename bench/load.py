@@ -119,7 +119,9 @@ def _record(stream: Stream, kind: str, payload: bytes, now: float) -> bool:
     return False
 
 
-async def _read_http(stream: Stream, response: httpx.Response, separator: bytes, parse) -> None:
+async def _read_http(
+    stream: Stream, response: httpx.Response, separator: bytes, parse, leave_after: int = 0
+) -> None:
     stream.answered, stream.status = time.perf_counter(), response.status_code
     if response.status_code != 200:
         stream.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
@@ -137,6 +139,8 @@ async def _read_http(stream: Stream, response: httpx.Response, separator: bytes,
             if kind and _record(stream, kind, payload, now):
                 ended = True
                 break
+        if leave_after and len(stream.deltas) >= leave_after:
+            return  # the client goes away: leaving the block closes the connection
 
 
 def _parse_sse(frame: bytes) -> tuple[str, bytes]:
@@ -163,16 +167,23 @@ async def _timed(stream: Stream, run: Awaitable[None]) -> Stream:
 
 
 async def sse(
-    client: httpx.AsyncClient, origin: str, text: str, stream: Stream | None = None, *, token: str = ""
+    client: httpx.AsyncClient,
+    origin: str,
+    text: str,
+    stream: Stream | None = None,
+    *,
+    token: str = "",
+    leave_after: int = 0,
 ) -> Stream:
     """POST /api/chat/ read as Server-Sent Events; pass `stream` to watch it fill in meanwhile.
 
     Without `token` the request is anonymous and cookie-less (a new session each time);
-    with it, it is a program's call with an API token (no session at all).
+    with it, it is a program's call with an API token (no session at all). With
+    `leave_after`, the client hangs up after that many text frames, as a closed tab does.
     """
     stream = stream or Stream("sse-token" if token else "sse")
     headers = {"Accept": SSE, **({"Authorization": f"Token {token}"} if token else {})}
-    return await _chat_stream(client, origin, text, stream, headers, b"\n\n", _parse_sse)
+    return await _chat_stream(client, origin, text, stream, headers, b"\n\n", _parse_sse, leave_after)
 
 
 async def ndjson(client: httpx.AsyncClient, origin: str, text: str) -> Stream:
@@ -183,14 +194,21 @@ async def ndjson(client: httpx.AsyncClient, origin: str, text: str) -> Stream:
 
 
 async def _chat_stream(
-    client: httpx.AsyncClient, origin: str, text: str, stream: Stream, headers: dict, separator: bytes, parse
+    client: httpx.AsyncClient,
+    origin: str,
+    text: str,
+    stream: Stream,
+    headers: dict,
+    separator: bytes,
+    parse,
+    leave_after: int = 0,
 ) -> Stream:
     async def run() -> None:
         stream.start = time.perf_counter()
         async with client.stream(
             "POST", origin + "/api/chat/", json={"message": text}, headers=headers
         ) as response:
-            await _read_http(stream, response, separator, parse)
+            await _read_http(stream, response, separator, parse, leave_after)
 
     return await _timed(stream, run())
 

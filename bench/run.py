@@ -8,6 +8,7 @@ Scenarios (docs/benchmarks.md explains each number and its target):
     local    tokens/s of the local model through the server vs llama.cpp in one process
     stop     from the stop request to the upstream connection closing
     overload a burst of new answers on top of running streams: refused at once, or started
+    soak     thousands of mixed answers (SSE, NDJSON, JSON, WebSocket, clients leaving early): RSS per 1000
     workers  opt-in (needs Redis and PostgreSQL): 250 and 500 streams on 1 and 2 workers
              sharing the Redis event log and PostgreSQL (BENCH_REDIS_URL, BENCH_POSTGRES_URL)
 
@@ -27,6 +28,7 @@ import os
 import resource
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -43,7 +45,7 @@ from bench import load, servers
 from bench.load import Stream, Summary, WebSocketChat, http_client, message
 from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, Script
 
-SCENARIOS = ("latency", "scale", "db", "local", "stop", "overload", "workers")
+SCENARIOS = ("latency", "scale", "db", "local", "stop", "overload", "soak", "workers")
 OPT_IN = ("workers",)  # needs Redis and PostgreSQL: only with --scenario
 RESULTS = servers.ROOT / "bench" / "results" / "latest.md"
 LOCAL_PROMPT = "Write a short story about a robot who learns to paint."
@@ -73,6 +75,7 @@ class Plan:
     local_tokens: int
     local_pairs: int
     overload: tuple[int, int, float]  # (streams running, burst of new requests, seconds the burst takes)
+    soak: tuple[int, int, int]  # (answers of warm-up, answers per block, blocks)
 
     @classmethod
     def full(cls, runs: int) -> Plan:
@@ -81,7 +84,7 @@ class Plan:
             steps=(50, 100, 250, 500, 1000), worker_steps=(250, 500), step_interval=0.05, ramp=20.0, hold=5.0,
             db_configs=((64, 0.0, 0.25), (64, 0.02, 0.25), (256, 0.005, 0.25), (64, 0.02, 0.1)),
             db_answers=runs, stops=4 * runs, stop_interval=0.1, local_tokens=128, local_pairs=2 * runs,
-            overload=(200, 200, 2.0),
+            overload=(200, 200, 2.0), soak=(1000, 1000, 6),
         )  # fmt: skip
 
     @classmethod
@@ -91,7 +94,7 @@ class Plan:
             steps=(2, 5), worker_steps=(2,), step_interval=0.05, ramp=0.2, hold=0.3,
             db_configs=((16, 0.0, 0.25), (16, 0.02, 0.25), (64, 0.005, 0.25)),
             db_answers=1, stops=1, stop_interval=0.05, local_tokens=16, local_pairs=1,
-            overload=(3, 6, 0.05),
+            overload=(3, 6, 0.05), soak=(10, 10, 3),
         )  # fmt: skip
 
 
@@ -650,12 +653,84 @@ async def overload(bench: Bench) -> list[Row]:
     return rows
 
 
+# --- 8: soak -------------------------------------------------------------------------------------
+
+SOAK_CLIENTS = 20  # answers in flight at once
+SOAK_TEXT = message(chunks=8, interval=0.005)
+SOAK_LOG_TTL = 5  # seconds a finished answer's events stay in memory (the product's default: 600)
+
+
+async def soak(bench: Bench) -> list[Row]:
+    """Answers of every kind, 20 at a time, and the server's RSS after each block once warm.
+
+    A worker that keeps something per answer (a cache, a registry, a log past its TTL,
+    metric label sets) grows with the answers it served; one that only fragments its heap
+    levels off. The slope after the warm-up tells which.
+    """
+    warm_up, block, blocks = bench.plan.soak
+    total = warm_up + block * blocks
+    done, failed = 0, Counter[str]()
+    rss: list[int] = []
+    # 20 answers starting at once is the load here, not an overload to shed. Finished
+    # answers' logs are kept for the log TTL (600 s): a short one lets them go during the
+    # run, so what still grows is kept by something else.
+    overrides = {
+        "CHATBOT_MAX_STARTING_ANSWERS": "0",
+        "CHATBOT_MAX_LOOP_LAG": "0",
+        "CHATBOT_EVENT_LOG_TTL": str(SOAK_LOG_TTL),
+    }
+    with bench.server(**overrides) as server:
+        sockets = [await load.WebSocketChat.open(server.url) for _ in range(SOAK_CLIENTS)]
+        async with http_client() as client:
+            kinds = [
+                lambda n, client_index: load.sse(client, server.url, SOAK_TEXT, token=servers.API_TOKEN),
+                lambda n, client_index: load.sse(client, server.url, SOAK_TEXT),
+                lambda n, client_index: load.ndjson(client, server.url, SOAK_TEXT),
+                lambda n, client_index: load.json_answer(client, server.url, SOAK_TEXT),
+                lambda n, client_index: sockets[client_index].chat(SOAK_TEXT),
+                lambda n, client_index: load.sse(
+                    client, server.url, SOAK_TEXT, leave_after=2
+                ),  # a tab closed
+            ]
+            counter = iter(range(total))
+
+            async def one_client(index: int) -> None:  # its own WebSocket: one reader per socket
+                nonlocal done
+                for n in counter:
+                    stream = await kinds[n % len(kinds)](n, index)
+                    if stream.error or stream.terminal == "error":
+                        failed[(stream.error or stream.terminal)[:80]] += 1
+                    done += 1
+                    if done >= warm_up and (done - warm_up) % block == 0:
+                        await asyncio.sleep(0)  # the block's last answers may still be ending
+                        rss.append(server.rss_kib())
+
+            await asyncio.gather(*(one_client(index) for index in range(SOAK_CLIENTS)))
+        for socket in sockets:
+            await socket.close()
+        server.check_alive()
+    per_block = [b - a for a, b in zip(rss, rss[1:], strict=False)]
+    slope = statistics.median(per_block) * 1000 / block if per_block else float("nan")
+    series = " → ".join(f"{kib / 1024:.1f}" for kib in rss)
+    scenario = f"8. Soak: {total} answers, {SOAK_CLIENTS} in flight, 6 kinds, log TTL {SOAK_LOG_TTL} s"
+    rows = [
+        Row(scenario, f"server RSS after each {block} answers once warm ({warm_up} answers), MiB",
+            f"{series}; median growth {slope:.0f} KiB per 1000 answers; {sum(failed.values())} failed",
+            "flat within noise", None),
+    ]  # fmt: skip
+    if failed:
+        rows.append(
+            Row(scenario, "failures", "; ".join(f"{c}× {e}" for e, c in failed.most_common(3)), "none")
+        )
+    return rows
+
+
 # --- the run -------------------------------------------------------------------------------------
 
 
 RUNNERS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "latency": latency, "scale": scale, "db": db_writes, "local": local_model, "stop": stop,
-    "overload": overload, "workers": workers,
+    "overload": overload, "soak": soak, "workers": workers,
 }  # fmt: skip
 
 

@@ -23,6 +23,7 @@ import asyncio
 import json
 from functools import lru_cache
 
+from . import metrics
 from .conf import chatbot_setting
 from .errors import error_body
 
@@ -39,20 +40,21 @@ class AnswerAdmission:
     def __init__(self, app):
         self.app = app
         self.starting = 0
-        self.refused = 0
         self.loop_lag = 0.0  # smoothed, seconds
         self._probe: asyncio.Task | None = None
 
     async def __call__(self, scope, receive, send):
-        limit = chatbot_setting("MAX_STARTING_ANSWERS")
-        view_class = _answer_view(scope) if limit and scope["type"] == "http" else None
+        limit, max_lag = chatbot_setting("MAX_STARTING_ANSWERS"), chatbot_setting("MAX_LOOP_LAG")
+        view_class = _answer_view(scope) if (limit or max_lag) and scope["type"] == "http" else None
         if view_class is None:
             return await self.app(scope, receive, send)
-        max_lag = chatbot_setting("MAX_LOOP_LAG")
-        if max_lag and (self._probe is None or self._probe.done()):
-            self._probe = asyncio.create_task(self._watch_loop_lag(), name="chatbot-loop-lag")
-        if self.starting >= limit or (max_lag and self.loop_lag > max_lag):
-            self.refused += 1
+        if max_lag:
+            self._watch_this_loop()
+        cause = "starting" if limit and self.starting >= limit else None
+        if cause is None and max_lag and self.loop_lag > max_lag:
+            cause = "loop_lag"
+        if cause:
+            metrics.SHED.labels(cause).inc()
             return await _refuse(view_class, send)
         self.starting += 1
         released = False
@@ -72,6 +74,13 @@ class AnswerAdmission:
             await self.app({**scope, ADMITTED: release}, receive, send_and_release)
         finally:
             release()
+
+    def _watch_this_loop(self) -> None:
+        """The lag probe runs on the loop serving requests (a new one after a test's server restarts)."""
+        loop = asyncio.get_running_loop()
+        if self._probe is None or self._probe.done() or self._probe.get_loop() is not loop:
+            self.loop_lag = 0.0
+            self._probe = loop.create_task(self._watch_loop_lag(), name="chatbot-loop-lag")
 
     async def _watch_loop_lag(self) -> None:
         loop = asyncio.get_running_loop()

@@ -24,6 +24,7 @@ SCENARIOS = (
     "4. Database writes per answer",
     "6. Stop",
     "7. Overload",
+    "8. Soak",
 )
 
 

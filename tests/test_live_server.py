@@ -152,6 +152,8 @@ async def test_a_worker_whose_event_loop_lags_refuses_new_answers_until_it_catch
             hogging.clear()
         assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
         assert refused.json()["code"] == "server_busy" and refused.json()["retryable"] is True
+        metrics = (await client.get("/metrics")).text
+        assert 'chatbot_answers_shed_total{cause="loop_lag"}' in metrics
         async with asyncio.timeout(10):
             while gate.loop_lag > 0.1:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
