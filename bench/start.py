@@ -77,6 +77,7 @@ PASS_THROUGH = (
     "convert_exception_to_response",
     "ServeStaticMiddleware.__call__",
     "InlineHooks.__acall__",
+    "CsrfViewMiddleware.__acall__ (chatbot_api",
     "AnswerAdmission.__call__",  # and its send wrapper
     "LifespanMiddleware.__call__",
 )
