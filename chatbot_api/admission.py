@@ -25,7 +25,6 @@ from functools import lru_cache
 
 from . import metrics
 from .conf import chatbot_setting
-from .errors import error_body
 
 RETRY_AFTER = 1  # seconds: a starting answer takes milliseconds, so room comes back quickly
 BUSY_MESSAGE = "This server is starting too many answers at once; try again in a moment."
@@ -136,7 +135,3 @@ async def _refuse(view_class, send) -> None:
         }
     )
     await send({"type": "http.response.body", "body": json.dumps(body).encode()})
-
-
-def default_busy_body(message: str, code: str, status: int) -> dict:
-    return error_body(message, code, retryable=True)

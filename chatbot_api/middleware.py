@@ -26,11 +26,12 @@ from django.middleware import clickjacking, common, csrf, locale, security
 
 
 class InlineHooks:
-    """`__acall__` that calls the hooks directly; `response_needs_thread()` names the exceptions."""
+    """`__acall__` that calls the hooks directly; `response_needs_thread()` names the exceptions,
+    `runs_inline()` False leaves a configuration to Django's own path."""
 
     def __init__(self, get_response):
         super().__init__(get_response)
-        if self.async_mode and hasattr(self, "process_view") and self.view_runs_inline():
+        if self.async_mode and hasattr(self, "process_view") and self.runs_inline():
             sync_process_view = self.process_view
 
             async def process_view(request, view_func, view_args, view_kwargs):
@@ -39,6 +40,8 @@ class InlineHooks:
             self.process_view = process_view  # the handler runs a coroutine function as is
 
     async def __acall__(self, request):
+        if not self.runs_inline():
+            return await super().__acall__(request)  # MiddlewareMixin's: a hop per hook
         response = None
         if hasattr(self, "process_request"):
             response = self.process_request(request)
@@ -52,7 +55,7 @@ class InlineHooks:
     def response_needs_thread(self, request, response) -> bool:
         return False
 
-    def view_runs_inline(self) -> bool:
+    def runs_inline(self) -> bool:
         return True
 
 
@@ -76,13 +79,8 @@ class CommonMiddleware(InlineHooks, common.CommonMiddleware):
 
 
 class CsrfViewMiddleware(InlineHooks, csrf.CsrfViewMiddleware):
-    # With CSRF_USE_SESSIONS the token lives in the session, which a hook may have to load.
-    async def __acall__(self, request):
-        if settings.CSRF_USE_SESSIONS:
-            return await super(InlineHooks, self).__acall__(request)
-        return await super().__acall__(request)
-
-    def view_runs_inline(self) -> bool:
+    def runs_inline(self) -> bool:
+        # With CSRF_USE_SESSIONS the token lives in the session, which a hook may have to load.
         return not settings.CSRF_USE_SESSIONS
 
 

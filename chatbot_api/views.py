@@ -21,7 +21,7 @@ from rest_framework.settings import api_settings
 
 from . import __version__, admission, export, login_throttle, selectors, services
 from .authentication import BearerTokenAuthentication, CsrfSessionAuthentication
-from .errors import ChatbotError, api_exception_handler, status_for_code
+from .errors import ChatbotError, api_exception_handler, error_body, status_for_code
 from .identity import owner_for
 from .models import Message
 from .parsers import SafeJSONParser
@@ -82,7 +82,7 @@ class ApiPolicy:
     @classmethod
     def busy_body(cls, message: str, code: str, status: int) -> dict:
         """The error body of a request refused before it reached the view (`admission`)."""
-        return admission.default_busy_body(message, code, status)
+        return error_body(message, code, retryable=True)
 
 
 class ApiView(ApiPolicy, AsyncAPIView):
