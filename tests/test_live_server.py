@@ -161,3 +161,27 @@ async def test_a_worker_whose_event_loop_lags_refuses_new_answers_until_it_catch
         again = await client.post("/api/chat/", json={"message": "Hi once more"})
         assert again.status_code == 200 and again.json()["success"] is True
     assert gate.starting == 0
+
+
+async def test_a_json_mode_answer_stops_counting_as_starting_once_its_model_request_is_out(
+    live_server_url, upstream, chatbot_settings
+):
+    # A JSON-mode answer holds its response until the answer is whole; the gate must count
+    # it only while it starts, or one slow JSON answer would refuse everybody else.
+    chatbot_settings(MAX_STARTING_ANSWERS=1, MAX_LOOP_LAG=0)
+    upstream.enqueue(Script(chunks=["Piano", " piano"], interval=0.5))
+    gate = answer_admission()
+    async with httpx.AsyncClient(base_url=live_server_url, timeout=20) as client:
+        slow = asyncio.create_task(client.post("/api/chat/", json={"message": "Slowly"}))
+        await asyncio.to_thread(upstream.wait_for_request, 1, 10)
+        async with asyncio.timeout(10):
+            while gate.starting:  # noqa: ASYNC110 (another thread's counter)
+                await asyncio.sleep(0.01)
+        assert not slow.done()  # still being written, no longer starting
+        quick = await client.post(
+            "/api/chat/", json={"message": "Meanwhile"}
+        )  # no cookie yet: the slow one has not answered
+        assert quick.status_code == 200 and quick.json()["success"] is True
+        answer = await slow
+        assert answer.status_code == 200 and answer.json()["response"] == "Piano piano"
+    assert gate.starting == 0
