@@ -248,6 +248,7 @@ _chatbot_env = {
     "METRICS_TOKEN": os.environ.get("CHATBOT_METRICS_TOKEN"),
     "METRICS_ALLOWED_IPS": env_list("CHATBOT_METRICS_ALLOWED_IPS", None),
     "OPENAI_MAX_RETRIES": env_number("OPENAI_MAX_RETRIES", None, int, minimum=0),
+    "OPENAI_HTTP_CLIENT": os.environ.get("OPENAI_HTTP_CLIENT"),
     "EVENT_LOG": os.environ.get("CHATBOT_EVENT_LOG") or ("redis" if REDIS_URL else None),
     "EVENT_LOG_TTL": env_number("CHATBOT_EVENT_LOG_TTL", None, minimum=1),
     "ORPHAN_AFTER": env_number("CHATBOT_ORPHAN_AFTER", None, minimum=1),

@@ -30,6 +30,7 @@ DEFAULTS: dict[str, object] = {
     # that advertises AMX without enabling it crashes on the first prompt (a GPF in ldtilecfg).
     "LOCAL_REPACK_WEIGHTS": False,
     "OPENAI_MAX_RETRIES": 1,
+    "OPENAI_HTTP_CLIENT": "aiohttp",  # or "httpx": the openai SDK's transport to the model server
     # Time limits, in seconds
     "CONNECT_TIMEOUT": 10.0,
     "FIRST_TOKEN_TIMEOUT": 60.0,
@@ -64,6 +65,7 @@ DEFAULTS: dict[str, object] = {
 }
 
 EVENT_LOGS = ("memory", "redis")
+HTTP_CLIENTS = ("aiohttp", "httpx")
 
 
 def chatbot_setting(name: str):
@@ -89,3 +91,6 @@ def validate() -> None:
             f"CHATBOT EVENT_LOG={event_log!r}: use 'memory', or 'redis' together with "
             "REDIS_URL=redis://host:6379/0."
         )
+    http_client = chatbot_setting("OPENAI_HTTP_CLIENT")
+    if http_client not in HTTP_CLIENTS:
+        raise ImproperlyConfigured(f"CHATBOT OPENAI_HTTP_CLIENT={http_client!r}: use 'aiohttp' or 'httpx'.")

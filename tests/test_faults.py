@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -30,7 +29,7 @@ from tests.support.invariants import (
     final_message,
     seen_text,
 )
-from tests.support.servers import answer_admission
+from tests.support.servers import answer_admission, closed_port
 from tests.support.sse import frames_in, read_frames
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -63,12 +62,6 @@ async def check_invariants(events: list[dict]) -> Message:
 
 
 # --- The upstream misbehaves ------------------------------------------------------------------
-
-
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.parametrize(

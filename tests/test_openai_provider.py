@@ -1,4 +1,4 @@
-"""The OpenAI provider parses frames that the network cut anywhere.
+"""The OpenAI provider parses frames that the network cut anywhere, over both HTTP transports.
 
 The fake upstream of the other tests writes one whole frame at a time; this upstream is a
 bare HTTP/1.1 server that cuts its body where a real network may: inside a frame, inside a
@@ -10,8 +10,19 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
+from chatbot_api.errors import ProviderError
 from chatbot_api.providers import Usage
 from chatbot_api.providers.openai import OpenAIProvider
+
+from .support.servers import closed_port
+
+
+@pytest.fixture(params=["aiohttp", "httpx"])
+def transport(request) -> str:
+    """The SDK's HTTP transport (CHATBOT OPENAI_HTTP_CLIENT): each test runs over both."""
+    return request.param
 
 
 def frame(payload: dict | str, end: bytes = b"\n\n") -> bytes:
@@ -53,20 +64,13 @@ async def serve_in_pieces(cuts: list[int]):
     return await asyncio.start_server(answer, "127.0.0.1", 0)
 
 
-async def test_frames_cut_anywhere_by_the_network_still_parse():
+async def test_frames_cut_anywhere_by_the_network_still_parse(transport):
     accent = BODY.index("è".encode()) + 1  # between the two bytes of "è"
     cup = BODY.index("☕".encode()) + 2  # inside the three bytes of "☕"
     crlf = BODY.index(b"\r\n\r\n") + 1  # between "\r" and "\n"
     cuts = sorted({5, accent, cup, crlf, BODY.index(b"pronto") + 3, len(BODY) - 3})
     server = await serve_in_pieces(cuts)
-    port = server.sockets[0].getsockname()[1]
-    provider = OpenAIProvider(
-        api_key="sk-test",
-        base_url=f"http://127.0.0.1:{port}/v1",
-        model_id="m",
-        connect_timeout=5,
-        max_retries=0,
-    )
+    provider = provider_for(server, transport)
     try:
         async with asyncio.timeout(10):
             chunks = [
@@ -124,14 +128,15 @@ async def keep_alive_upstream(*, end_body: bool):
     return await asyncio.start_server(answer, "127.0.0.1", 0), connections
 
 
-def provider_for(server) -> OpenAIProvider:
-    port = server.sockets[0].getsockname()[1]
+def provider_for(server, transport: str, *, port: int | None = None) -> OpenAIProvider:
+    port = port or server.sockets[0].getsockname()[1]
     return OpenAIProvider(
         api_key="sk-test",
         base_url=f"http://127.0.0.1:{port}/v1",
         model_id="m",
         connect_timeout=5,
         max_retries=0,
+        http_client=transport,
     )
 
 
@@ -143,11 +148,11 @@ async def answer_text(provider: OpenAIProvider) -> str:
     return "".join(c.text for c in chunks)
 
 
-async def test_answers_in_a_row_share_one_connection_to_the_model_server():
+async def test_answers_in_a_row_share_one_connection_to_the_model_server(transport):
     # Reading each body to its end after [DONE] hands the connection back to the pool:
     # closing it early would cost every answer a new TCP connection (and the server an accept).
     server, connections = await keep_alive_upstream(end_body=True)
-    provider = provider_for(server)
+    provider = provider_for(server, transport)
     try:
         assert [await answer_text(provider) for _ in range(3)] == ["Ciao"] * 3
     finally:
@@ -156,9 +161,9 @@ async def test_answers_in_a_row_share_one_connection_to_the_model_server():
     assert len(connections) == 1
 
 
-async def test_a_server_that_never_ends_its_body_after_done_still_ends_the_answer_at_once():
+async def test_a_server_that_never_ends_its_body_after_done_still_ends_the_answer_at_once(transport):
     server, connections = await keep_alive_upstream(end_body=False)
-    provider = provider_for(server)
+    provider = provider_for(server, transport)
     loop = asyncio.get_running_loop()
     try:
         started = loop.time()
@@ -169,3 +174,67 @@ async def test_a_server_that_never_ends_its_body_after_done_still_ends_the_answe
         await provider.aclose()
         server.close()
     assert len(connections) == 2
+
+
+async def answer_error(provider: OpenAIProvider) -> tuple[str, ProviderError]:
+    """The text streamed before the provider raised, and what it raised."""
+    text = ""
+    with pytest.raises(ProviderError) as raised:
+        async with asyncio.timeout(10):
+            async for chunk in provider.stream(
+                [{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0
+            ):
+                text += chunk.text
+    return text, raised.value
+
+
+async def cut_upstream(response: bytes):
+    """An upstream that sends `response` (head and body so far) and then drops the connection."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(response)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()  # a reset, as a crashed model server leaves it
+
+    return await asyncio.start_server(answer, "127.0.0.1", 0)
+
+
+async def test_a_refused_connection_is_unavailable_not_a_timeout(transport):
+    # The aiohttp transport reports every connection error as httpx's ConnectTimeout.
+    provider = provider_for(None, transport, port=closed_port())
+    try:
+        text, error = await answer_error(provider)
+    finally:
+        await provider.aclose()
+    assert (text, error.code, error.retryable) == ("", "upstream_unavailable", True)
+
+
+async def test_a_model_server_that_dies_mid_answer_is_unavailable(transport):
+    first = frame(delta("Ciao"))
+    server = await cut_upstream(HEAD + f"{len(first):x}\r\n".encode() + first + b"\r\n")
+    provider = provider_for(server, transport)
+    try:
+        text, error = await answer_error(provider)
+    finally:
+        await provider.aclose()
+        server.close()
+    assert (text, error.code, error.retryable) == ("Ciao", "upstream_unavailable", True)
+
+
+@pytest.mark.parametrize(
+    "status, code, retryable",
+    [(429, "upstream_rate_limited", True), (401, "upstream_auth", False), (503, "upstream_error", True)],
+)
+async def test_an_http_error_before_the_stream_keeps_its_meaning(transport, status, code, retryable):
+    body = b'{"error": {"message": "no", "type": "x"}}'
+    head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    server = await cut_upstream(head.encode() + body)
+    provider = provider_for(server, transport)
+    try:
+        text, error = await answer_error(provider)
+    finally:
+        await provider.aclose()
+        server.close()
+    assert (text, error.code, error.retryable) == ("", code, retryable)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -62,3 +63,10 @@ def answer_admission():
         mapping = getattr(app, "application_mapping", None)
         app = mapping["http"] if mapping else app.app  # LifespanMiddleware → router → the gate
     return app
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound once, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
