@@ -128,7 +128,9 @@ DATABASES = {
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the page read while a generation flushes; a busy timeout instead of
-    # "database is locked" when two writers meet.
+    # "database is locked" when two writers meet; and this process's writers queue on a
+    # lock instead of polling SQLite's (chatbot_api/sqlite3/base.py).
+    DATABASES["default"]["ENGINE"] = "chatbot_api.sqlite3"
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         {
             "timeout": 20,

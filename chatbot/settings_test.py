@@ -15,7 +15,7 @@ STORAGES = {**STORAGES, "staticfiles": {"BACKEND": "django.contrib.staticfiles.s
 SERVESTATIC_USE_FINDERS = True
 SERVESTATIC_AUTOREFRESH = True
 
-if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
+if DATABASES["default"]["ENGINE"] == "chatbot_api.sqlite3":  # noqa: F405
     # A file, not Django's shared in-memory database: in-memory SQLite locks whole tables
     # and fails at once when the generations' DB thread and a request write together,
     # where a file in WAL mode waits its turn like in production.
