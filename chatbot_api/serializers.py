@@ -1,5 +1,7 @@
 """Request and response shapes. The seed's fields stay; new ones are additive."""
 
+import copy
+
 from django.core.validators import RegexValidator
 from rest_framework import serializers
 from rest_framework.authtoken.serializers import AuthTokenSerializer
@@ -33,7 +35,19 @@ class StrictBooleanField(serializers.BooleanField):
 NOT_BLANK = RegexValidator(r"\S", message="This field may not be blank.")
 
 
-class ChatRequestSerializer(serializers.Serializer):
+class FlatRequestSerializer(serializers.Serializer):
+    """A request of plain fields (no nested serializers), validated once per request.
+
+    DRF deep-copies every declared field for each serializer instance, which was most of
+    an answer's input validation (docs/benchmarks.md). Plain fields keep no state between
+    requests, so a shallow copy per field, bound afresh to this instance, is enough.
+    """
+
+    def get_fields(self):
+        return {name: copy.copy(field) for name, field in self._declared_fields.items()}
+
+
+class ChatRequestSerializer(FlatRequestSerializer):
     message = StrictCharField(min_length=1, max_length=1000, validators=[NOT_BLANK])
     session_id = StrictCharField(max_length=100, required=False, allow_blank=True, allow_null=True)
     streaming = StrictBooleanField(required=False, default=False)
@@ -51,12 +65,12 @@ class ChatRequestSerializer(serializers.Serializer):
     )
 
 
-class EditRequestSerializer(serializers.Serializer):
+class EditRequestSerializer(FlatRequestSerializer):
     message = StrictCharField(min_length=1, max_length=1000, validators=[NOT_BLANK])
     answer_id = serializers.UUIDField(required=False, help_text="As for POST /api/chat/.")
 
 
-class RegenerateRequestSerializer(serializers.Serializer):
+class RegenerateRequestSerializer(FlatRequestSerializer):
     answer_id = serializers.UUIDField(required=False, help_text="As for POST /api/chat/.")
 
 

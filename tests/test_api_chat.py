@@ -142,6 +142,21 @@ async def test_invalid_input_gets_the_error_shape(upstream, manager, body, field
     assert upstream.history == [] and await Message.objects.acount() == 0
 
 
+async def test_request_serializers_share_no_field_between_requests():
+    # Fields are shallow copies of the class's declared ones: each request binds its own.
+    from chatbot_api.serializers import ChatRequestSerializer
+
+    bad = ChatRequestSerializer(data={"message": 42, "streaming": "maybe"})
+    good = ChatRequestSerializer(data={"message": "ok", "streaming": True})
+    assert not bad.is_valid() and set(bad.errors) == {"message", "streaming"}
+    assert good.is_valid(), good.errors
+    assert good.validated_data == {"message": "ok", "streaming": True}
+    assert bad.fields["message"] is not good.fields["message"]
+    assert bad.fields["message"].parent is bad and good.fields["message"].parent is good
+    declared = ChatRequestSerializer._declared_fields["message"]
+    assert getattr(declared, "parent", None) is None  # the class's own field is never bound
+
+
 async def test_limits_are_inclusive(upstream, manager):
     response = await post_chat(AsyncClient(), {"message": "x" * 1000, "session_id": ""})
     assert response.status_code == 200
