@@ -81,8 +81,11 @@ class ApiPolicy:
 
     @classmethod
     def busy_body(cls, message: str, code: str, status: int) -> dict:
-        """The error body of a request refused before it reached the view (`admission`)."""
-        return error_body(message, code, retryable=True)
+        """The error body of a request refused before it reached the view (`admission`).
+
+        `retry_safe`: nothing of it was read or saved, so sending it again as is cannot
+        repeat the question (the page does, after Retry-After)."""
+        return error_body(message, code, retryable=True, retry_safe=True)
 
 
 class ApiView(ApiPolicy, AsyncAPIView):

@@ -230,3 +230,53 @@ def test_a_too_long_error_goes_away_once_the_text_fits(open_page, upstream):
 
     expect(page.locator("#composerError")).to_be_hidden()
     expect(page.locator("#charCounter")).to_have_text("1000 / 1000")
+
+
+def test_a_start_the_busy_server_refused_is_sent_again(open_page, upstream, chatbot_settings):
+    # The worker's event loop really lags (blocking sleeps scheduled on it), so load shedding
+    # refuses the page's start with 503 server_busy, retry_safe; the page sends it again after
+    # Retry-After, once the loop has caught up, instead of showing the refusal.
+    import threading
+    import time
+
+    from chatbot_api import metrics
+    from tests.support.servers import answer_admission
+
+    chatbot_settings(MAX_STARTING_ANSWERS=8, MAX_LOOP_LAG=0.1)
+    upstream.enqueue(Script(chunks=["first"]))
+    upstream.enqueue(Script(chunks=["second"]))
+    page = open_page()
+    send(page, "One", streaming=True, transport="sse")
+    wait_answer_finished(page)  # and the gate's lag probe now runs on the server's loop
+    gate = answer_admission()
+    shed = metrics.SHED.labels("loop_lag")
+    shed_before = shed._value.get()
+    loop, hogging = gate._probe.get_loop(), threading.Event()
+    hogging.set()
+
+    def hog() -> None:
+        if hogging.is_set():
+            time.sleep(0.15)
+            loop.call_later(0.005, hog)
+
+    loop.call_soon_threadsafe(hog)
+    try:
+        deadline = time.monotonic() + 10
+        while gate.loop_lag <= 0.1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        send(page, "Two")
+        while shed._value.get() == shed_before and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert shed._value.get() > shed_before, "the start was not refused"
+    finally:
+        hogging.clear()
+
+    expect(last_answer(page).locator(".bubble-body")).to_have_text("second", timeout=15_000)
+    wait_answer_finished(page)
+    expect(page.locator("#composerError")).to_be_hidden()
+    expect(page.locator(".message-user .bubble-body")).to_have_text(["One", "Two"])
+    assert list(
+        Message.objects.filter(role=Message.Role.USER)
+        .order_by("created_at")
+        .values_list("content", flat=True)
+    ) == ["One", "Two"]

@@ -104,7 +104,12 @@ test("answer ids are version-4 UUIDs, also where crypto.randomUUID is missing (p
 
 // --- readToEnd: the resume loop ------------------------------------------------------------
 
-async function readWith({ streams, canResume = (error) => error.resumable === true, named = true }) {
+async function readWith({
+  streams,
+  canResume = (error) => error.resumable === true,
+  canRestart = undefined,
+  named = true,
+}) {
   const { readToEnd } = await import("../../chatbot_web/static/chatbot_web/answer-progress.js");
   const progress = new AnswerProgress();
   const calls = [];
@@ -129,6 +134,7 @@ async function readWith({ streams, canResume = (error) => error.resumable === tr
       return play(streams.shift());
     },
     canResume,
+    canRestart,
     wait: async (attempt, retryAfter) => waits.push([attempt, retryAfter]),
     hasAnswer: () => named,
     neverStarted: () => new Error("never started"),
@@ -196,4 +202,41 @@ test("a replay rebuilt from the database (snapshot) replaces the partial text", 
     ],
   });
   assert.equal(text, "the whole answer");
+});
+
+// A busy server refused the start before reading it (admission's `retry_safe`): send it again.
+const busy = () => Object.assign(new Error("server busy"), { retrySafe: true, retryAfter: 1 });
+const restartable = (error) => error.retrySafe === true;
+
+test("a start a busy server refused unread is sent again after its Retry-After, then read", async () => {
+  const { calls, waits, text, progress } = await readWith({
+    streams: [[busy()], [busy()], [{ ...meta }, { type: "delta", seq: 2, text: "ok" }, { type: "done", seq: 3, status: "complete" }]],
+    canRestart: restartable,
+    named: false, // the first two starts never got that far; the third finished before it mattered
+  });
+  assert.deepEqual(calls, ["start", "start", "start"]);
+  assert.deepEqual(waits, [[0, 1], [1, 1]]);
+  assert.equal(text, "ok");
+  assert.equal(progress.terminal.status, "complete");
+});
+
+test("a start refused more than MAX_RESTARTS times ends with the refusal", async () => {
+  const { MAX_RESTARTS } = await import("../../chatbot_web/static/chatbot_web/answer-progress.js");
+  const streams = Array.from({ length: MAX_RESTARTS + 1 }, () => [busy()]);
+  await assert.rejects(readWith({ streams, canRestart: restartable, named: false }), /server busy/);
+  assert.equal(streams.length, 0); // every refusal was one start: the first and MAX_RESTARTS more
+});
+
+test("a refusal that is not retry-safe, or one after the answer was named, is not sent again", async () => {
+  const refused = Object.assign(new Error("rate limited"), { retryAfter: 30 });
+  const streams = [[refused], [meta]];
+  await assert.rejects(readWith({ streams, canRestart: restartable, named: false }), /rate limited/);
+  assert.equal(streams.length, 1);
+  // Named: the answer exists, so a busy error is for resuming (canResume), never a new start.
+  const named = await readWith({
+    streams: [[meta, busy()], [{ type: "done", seq: 2, status: "complete" }]],
+    canRestart: restartable,
+    canResume: (error) => error.retrySafe === true,
+  });
+  assert.deepEqual(named.calls, ["start", "resume after 1"]);
 });

@@ -60,6 +60,9 @@ export function retryDelay(attempt, retryAfterSeconds = null, random = Math.rand
   return Math.max(backoff, (retryAfterSeconds ?? 0) * 1000);
 }
 
+/** Times a start refused by a busy server is sent again before the refusal is shown. */
+export const MAX_RESTARTS = 3;
+
 /** HTTP statuses after which a started answer is read again instead of given up. */
 export const RESUMABLE_STATUSES = new Set([429, 502, 503, 504]);
 
@@ -82,21 +85,40 @@ export function newUuid() {
  *   resume(after)               read its events after seq `after`
  *   canResume(error)            whether reading again may help
  *   wait(attempt, retryAfter)   resolves when it is time to try again (rejects when aborted)
+ *   canRestart(error)           whether a start refused before the answer was named may be
+ *                               sent again as is (a busy server that read none of it)
  *   hasAnswer()                 whether the server named the answer (else nothing to resume)
  *   neverStarted()              the error to fail with when it did not
  *   onRetry()                   called before each wait
  * `progress` is the AnswerProgress the streams' events are applied to. Resolves with
  * `{ resumed }` once `progress.finished`; rejects with the error that ended the reading.
  */
-export async function readToEnd({ progress, start, resume, canResume, wait, hasAnswer, neverStarted, onRetry }) {
+export async function readToEnd({
+  progress,
+  start,
+  resume,
+  canResume,
+  canRestart = () => false,
+  wait,
+  hasAnswer,
+  neverStarted,
+  onRetry,
+}) {
   let request = start;
   let resumed = false;
+  let restarts = 0;
   for (let attempt = 0; ; attempt++) {
     const seqBefore = progress.lastSeq;
     let retryAfter = null;
     try {
       await request();
     } catch (error) {
+      if (request === start && !hasAnswer() && restarts < MAX_RESTARTS && canRestart(error)) {
+        restarts++;
+        onRetry?.();
+        await wait(attempt, error.retryAfter ?? null);
+        continue; // the same start again
+      }
       if (!canResume(error)) throw error;
       retryAfter = error.retryAfter ?? null;
     }

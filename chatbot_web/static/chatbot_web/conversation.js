@@ -495,6 +495,7 @@ export class Chat extends Emitter {
         resume: (after) =>
           run.transport.followEvents({ messageId: run.messageId, after, signal: run.signal, onEvent: run.onEvent }),
         canResume: (error) => canResumeAfter(error, run),
+        canRestart: (error) => error instanceof ApiError && error.body?.retry_safe === true,
         wait: (attempt, retryAfter) => this.wait(attempt, run.signal, retryAfter),
         hasAnswer: () => Boolean(run.messageId),
         neverStarted: () => new ConnectionLost(),
