@@ -470,6 +470,8 @@ def test_finished_blocks_stay_put_while_the_answer_streams(open_page, upstream):
     page.wait_for_selector(
         ".message-assistant.running .code-block code .hljs-built_in"
     )  # highlighted once closed
+    # The paragraph comes one frame after the code block: wait for it too, or it may not exist yet.
+    page.wait_for_selector(".message-assistant.running .bubble-body p")
     page.evaluate(
         """() => {
           window.__removed = [];
