@@ -521,6 +521,7 @@ async def test_a_worker_starting_too_many_answers_refuses_more_at_once_and_frees
             "error": "This server is starting too many answers at once; try again in a moment.",
             "code": "server_busy",
             "retryable": True,
+            "retry_safe": True,  # refused before anything was read: the page sends it again
         }
         assert completions.status_code == 503
         assert completions.json()["error"]["code"] == "server_busy"  # OpenAI's error shape there
