@@ -14,7 +14,7 @@ import websockets
 
 from tests.support.clients import wait_for_status
 from tests.support.fake_openai import Script
-from tests.support.servers import answer_admission
+from tests.support.servers import answer_admission, lagging_loop
 from tests.support.sse import frames_in, parse_sse
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -126,30 +126,17 @@ async def test_a_worker_whose_event_loop_lags_refuses_new_answers_until_it_catch
     # The server's event loop is really kept busy (a callback that blocks it 150 ms at a
     # time, as a saturated worker's would be); a new answer is refused at once, in the
     # error shape, and accepted again once the loop keeps up.
-    import threading
-
     chatbot_settings(MAX_STARTING_ANSWERS=8, MAX_LOOP_LAG=0.1)
     gate = answer_admission()
     async with httpx.AsyncClient(base_url=live_server_url, timeout=20) as client:
         first = await client.post("/api/chat/", json={"message": "Hi"})
         assert first.status_code == 200  # and the gate's lag probe runs on the server's loop
-        loop, hogging = gate._probe.get_loop(), threading.Event()
-        hogging.set()
-
-        def hog() -> None:
-            if hogging.is_set():
-                time.sleep(0.15)
-                loop.call_later(0.005, hog)
-
-        loop.call_soon_threadsafe(hog)
-        try:
+        with lagging_loop(gate):
             async with asyncio.timeout(10):
                 while gate.loop_lag <= 0.1:  # noqa: ASYNC110 (another thread's value)
                     await asyncio.sleep(0.05)
             client.cookies.clear()
             refused = await client.post("/api/chat/", json={"message": "Hi again"})
-        finally:
-            hogging.clear()
         assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
         assert refused.json()["code"] == "server_busy" and refused.json()["retryable"] is True
         metrics = (await client.get("/metrics")).text

@@ -176,15 +176,20 @@ async def test_a_server_that_never_ends_its_body_after_done_still_ends_the_answe
     assert len(connections) == 2
 
 
-async def answer_error(provider: OpenAIProvider) -> tuple[str, ProviderError]:
-    """The text streamed before the provider raised, and what it raised."""
+async def answer_error(server, transport: str, *, port: int | None = None) -> tuple[str, ProviderError]:
+    """The text streamed before the provider raised, and what it raised (`server` closed after)."""
+    provider = provider_for(server, transport, port=port)
     text = ""
-    with pytest.raises(ProviderError) as raised:
-        async with asyncio.timeout(10):
-            async for chunk in provider.stream(
-                [{"role": "user", "content": "Hi"}], max_tokens=8, temperature=0
-            ):
-                text += chunk.text
+    try:
+        with pytest.raises(ProviderError) as raised:
+            async with asyncio.timeout(10):
+                messages = [{"role": "user", "content": "Hi"}]
+                async for chunk in provider.stream(messages, max_tokens=8, temperature=0):
+                    text += chunk.text
+    finally:
+        await provider.aclose()
+        if server is not None:
+            server.close()
     return text, raised.value
 
 
@@ -203,23 +208,14 @@ async def cut_upstream(response: bytes):
 
 async def test_a_refused_connection_is_unavailable_not_a_timeout(transport):
     # The aiohttp transport reports every connection error as httpx's ConnectTimeout.
-    provider = provider_for(None, transport, port=closed_port())
-    try:
-        text, error = await answer_error(provider)
-    finally:
-        await provider.aclose()
+    text, error = await answer_error(None, transport, port=closed_port())
     assert (text, error.code, error.retryable) == ("", "upstream_unavailable", True)
 
 
 async def test_a_model_server_that_dies_mid_answer_is_unavailable(transport):
     first = frame(delta("Ciao"))
     server = await cut_upstream(HEAD + f"{len(first):x}\r\n".encode() + first + b"\r\n")
-    provider = provider_for(server, transport)
-    try:
-        text, error = await answer_error(provider)
-    finally:
-        await provider.aclose()
-        server.close()
+    text, error = await answer_error(server, transport)
     assert (text, error.code, error.retryable) == ("Ciao", "upstream_unavailable", True)
 
 
@@ -231,10 +227,5 @@ async def test_an_http_error_before_the_stream_keeps_its_meaning(transport, stat
     body = b'{"error": {"message": "no", "type": "x"}}'
     head = f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     server = await cut_upstream(head.encode() + body)
-    provider = provider_for(server, transport)
-    try:
-        text, error = await answer_error(provider)
-    finally:
-        await provider.aclose()
-        server.close()
+    text, error = await answer_error(server, transport)
     assert (text, error.code, error.retryable) == ("", code, retryable)

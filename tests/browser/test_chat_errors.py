@@ -236,11 +236,10 @@ def test_a_start_the_busy_server_refused_is_sent_again(open_page, upstream, chat
     # The worker's event loop really lags (blocking sleeps scheduled on it), so load shedding
     # refuses the page's start with 503 server_busy, retry_safe; the page sends it again after
     # Retry-After, once the loop has caught up, instead of showing the refusal.
-    import threading
     import time
 
     from chatbot_api import metrics
-    from tests.support.servers import answer_admission
+    from tests.support.servers import answer_admission, lagging_loop
 
     chatbot_settings(MAX_STARTING_ANSWERS=8, MAX_LOOP_LAG=0.1)
     upstream.enqueue(Script(chunks=["first"]))
@@ -251,16 +250,7 @@ def test_a_start_the_busy_server_refused_is_sent_again(open_page, upstream, chat
     gate = answer_admission()
     shed = metrics.SHED.labels("loop_lag")
     shed_before = shed._value.get()
-    loop, hogging = gate._probe.get_loop(), threading.Event()
-    hogging.set()
-
-    def hog() -> None:
-        if hogging.is_set():
-            time.sleep(0.15)
-            loop.call_later(0.005, hog)
-
-    loop.call_soon_threadsafe(hog)
-    try:
+    with lagging_loop(gate):
         deadline = time.monotonic() + 10
         while gate.loop_lag <= 0.1 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -268,8 +258,6 @@ def test_a_start_the_busy_server_refused_is_sent_again(open_page, upstream, chat
         while shed._value.get() == shed_before and time.monotonic() < deadline:
             time.sleep(0.02)
         assert shed._value.get() > shed_before, "the start was not refused"
-    finally:
-        hogging.clear()
 
     expect(last_answer(page).locator(".bubble-body")).to_have_text("second", timeout=15_000)
     wait_answer_finished(page)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -63,6 +64,26 @@ def answer_admission():
         mapping = getattr(app, "application_mapping", None)
         app = mapping["http"] if mapping else app.app  # LifespanMiddleware → router → the gate
     return app
+
+
+@contextlib.contextmanager
+def lagging_loop(gate):
+    """Keep the served application's event loop really busy (150 ms blocks, 5 ms apart) until exit.
+
+    `gate` is `answer_admission()`, whose lag probe must already run (one answer started)."""
+    loop, hogging = gate._probe.get_loop(), threading.Event()
+    hogging.set()
+
+    def hog() -> None:
+        if hogging.is_set():
+            time.sleep(0.15)
+            loop.call_later(0.005, hog)
+
+    loop.call_soon_threadsafe(hog)
+    try:
+        yield
+    finally:
+        hogging.clear()
 
 
 def closed_port() -> int:
