@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
+import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
 import pytest
@@ -102,6 +103,34 @@ async def test_real_disconnect_stops_the_answer_when_configured(upstream, live_s
     message = await wait_for_status(message_id, {"stopped"})
     assert (message.status, message.content) == ("stopped", "ab")
     assert (await upstream.wait_for_disconnect_async()).disconnected
+
+
+async def test_an_open_stream_holds_no_thread_of_its_own(upstream, live_server_url, chatbot_settings):
+    """Django keeps a request's sync thread until its response ends; a stream gives it back
+    once it has started, so a worker's threads do not grow with the streams it holds open."""
+    chatbot_settings(CONCURRENT_STREAMS=10, CANCEL_ON_DISCONNECT=True)  # the held streams end with the test
+    upstream.enqueue(Script(chunks=["warm"]))
+    async with new_browser(live_server_url) as client:
+        assert (await client.post("/api/chat/", json={"message": "Hi"})).status_code == 200
+        baseline = threading.active_count()
+        streams = 6
+        for _ in range(streams):
+            upstream.enqueue(Script(chunks=["open", "never"], hang_after=1))
+        async with AsyncExitStack() as open_streams:
+            readers = []  # not closed until the count: closing one would close its response
+            for _ in range(streams):
+                response = await open_streams.enter_async_context(stream_chat(client))
+                readers.append(sse_frames(response))
+                while (await anext(readers[-1]))[1]["event"] != "delta":
+                    pass
+            held = threading.active_count()
+            for reader in readers:
+                await reader.aclose()
+        # Sync work after the streams (a normal request, each stream's end) still has a thread.
+        upstream.enqueue(Script(chunks=["after"]))
+        after = await client.post("/api/chat/", json={"message": "Hi"})
+    assert held <= baseline + 1, (baseline, held, streams)  # was one more per open stream
+    assert after.json()["response"] == "after"
 
 
 async def test_real_websocket_client(upstream, live_server_url):

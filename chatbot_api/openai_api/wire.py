@@ -22,7 +22,7 @@ from ..models import Message
 from ..selectors import COMPLETION_ID_PREFIX
 from ..streaming import events as ev
 from ..streaming.eventlog import KEEPALIVE
-from ..streaming.transports import SSE_KEEPALIVE, release_database
+from ..streaming.transports import SSE_KEEPALIVE, release_request_thread
 
 DONE_FRAME = b"data: [DONE]\n\n"
 # Request fields this server does not implement: refused, never silently ignored.
@@ -212,7 +212,7 @@ async def completion_chunks(
 
     usage = None
     async with aclosing(events):
-        await release_database()
+        await release_request_thread()
         async for item in events:
             if item is KEEPALIVE:
                 yield SSE_KEEPALIVE

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import SyncToAsync, sync_to_async
 from django.db import connections
 from django.http import StreamingHttpResponse
 from rest_framework.renderers import BaseRenderer
@@ -38,27 +38,37 @@ def sse_encode(event: Event) -> bytes:
 # away ends the reader at once, not whenever the garbage collector gets to it.
 
 
-async def release_database() -> None:
-    """Close the request thread's database connection before a stream that may last minutes.
+async def release_request_thread() -> None:
+    """Give back what the request's thread holds before a stream that may last minutes.
 
-    Django keeps a request's thread, and the connection it opened, until the response ends;
-    a stream reads the event log, not the database, so holding them only cost memory per
-    stream (about 100 KiB with SQLite). Anything that needs the database reconnects.
+    Django runs a request's sync code on a thread of its own (asgiref's
+    `ThreadSensitiveContext`) and keeps that thread, and the database connection it
+    opened, until the response ends. A stream reads the event log, not the database, so
+    holding them only cost an OS thread and a connection per open stream (about 100 KiB
+    each with SQLite). Closing the connection and retiring the idle executor now is
+    safe: anything later in the request that needs sync code or the database gets a
+    fresh thread and connection, which the context's exit retires as before.
     """
     await sync_to_async(connections.close_all)()
+    context = SyncToAsync.thread_sensitive_context.get(None)
+    if context is None:  # not served by Django's ASGI handler (a test client): no thread of its own
+        return
+    executor = SyncToAsync.context_to_thread_executor.pop(context, None)
+    if executor is not None:
+        executor.shutdown(wait=False)  # idle: its one job above has returned
 
 
 async def _sse(events: AsyncIterator) -> AsyncIterator[bytes]:
     yield SSE_PREAMBLE
     async with aclosing(events):
-        await release_database()
+        await release_request_thread()
         async for item in events:
             yield SSE_KEEPALIVE if item is KEEPALIVE else sse_encode(item)
 
 
 async def _ndjson(events: AsyncIterator) -> AsyncIterator[bytes]:
     async with aclosing(events):
-        await release_database()
+        await release_request_thread()
         async for item in events:
             yield NDJSON_KEEPALIVE if item is KEEPALIVE else (item.json + "\n").encode()
 
@@ -87,7 +97,7 @@ async def collect(events: AsyncIterator) -> Answer:
     """Read the stream to its terminal event and assemble the answer (the JSON transport)."""
     answer = Answer()
     async with aclosing(events):
-        await release_database()
+        await release_request_thread()
         async for event in events:
             answer.add(event)
     return answer
