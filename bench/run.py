@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import math
 import os
@@ -778,6 +779,16 @@ def render(rows: list[Row], *, command: str, plan: Plan, started: str, load_befo
     return "\n".join(lines) + "\n"
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of counts: {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"counts must be positive: {text!r}")
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
@@ -786,8 +797,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, help="repetitions of each measurement (default 3, --quick 1)")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the table (%(default)s)")
     parser.add_argument("--keep", action="store_true", help="keep the servers' logs and databases")
+    parser.add_argument(
+        "--steps",
+        type=_counts,
+        help="scale: these concurrent-stream counts, e.g. 100,250 (default 50 … 1000)",
+    )
     args = parser.parse_args(argv)
     plan = Plan.quick(args.runs or 1) if args.quick else Plan.full(args.runs or 3)
+    if args.steps:
+        plan = dataclasses.replace(plan, steps=args.steps)
     names = args.scenario or [
         name for name in SCENARIOS if name not in OPT_IN and not (args.quick and name == "local")
     ]

@@ -77,6 +77,29 @@ async def test_sequence_numbers_replay_and_resume(log):
     assert everything[0].json == (f'{{"type":"delta","seq":1,"message_id":"{message_id}","text":"a"}}')
 
 
+async def test_a_long_log_replays_every_event_exactly_as_it_was_appended(log):
+    """Several of the memory log's text chunks, odd text (empty, non-ASCII, escapes) and
+    other events among the deltas: a replay from any offset gives the appended JSON."""
+    message_id = uuid.uuid4()
+    await log.open(message_id)
+    appended = [await log.append(message_id, "meta", {"model": "m"})]
+    texts = ["", "é", "\n", '"q"', "日本", "🙂", "a\\b", "plain "]
+    for n in range(200):
+        appended.append(await log.append(message_id, "delta", {"text": texts[n % len(texts)] + str(n)}))
+        if n == 150:
+            appended.append(await log.append(message_id, "usage", {"prompt_tokens": 1}))
+    appended.append(await log.append(message_id, "done", {"status": "complete", "finish_reason": "stop"}))
+    await asyncio.sleep(0.05)  # the Redis writer's batch
+
+    for after in (0, 1, 63, 64, 65, 130, 151, 152, 200, 201, 202):
+        replayed = await collect(log.read(message_id, after=after))
+        assert [(e.seq, e.type, e.data, e.json) for e in replayed] == [
+            (e.seq, e.type, e.data, e.json) for e in appended[after:]
+        ], after
+    assert await log.text(message_id) == "".join(e.data["text"] for e in appended if e.type == "delta")
+    assert (await log.tail(message_id)).json == appended[-1].json
+
+
 async def test_readers_follow_live_appends_and_get_keepalives(log):
     message_id = uuid.uuid4()
     await log.open(message_id)

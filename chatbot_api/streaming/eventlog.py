@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from array import array
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from uuid import UUID
@@ -93,19 +95,77 @@ class EventLog:
         """Release connections (at shutdown)."""
 
 
+# Deltas' text is sealed into one string per this many events (see `_Stream`).
+EVENTS_PER_CHUNK = 64
+# Events kept whole at a log's end: the live readers, woken by the append, share their JSON.
+RECENT_EVENTS = 4
+
+
 @dataclass(slots=True)
 class _Stream:
-    # A delta, nearly every event, is kept as a plain `(text, json)` tuple of strings: the
-    # garbage collector stops tracking those, so a growing log no longer lengthens every full
-    # collection (a pause for every stream), and it takes half the memory. Others stay Events.
-    events: list[Event | tuple[str, str]] = field(default_factory=list)
+    """One message's events, stored compactly.
+
+    Nearly every event is a delta, and a log is kept until its answer ends plus the TTL,
+    so a delta keeps only its text: `ends[i]` is the length of all the delta text up to
+    and including event `i`, and that text is joined into one string per
+    `EVENTS_PER_CHUNK` events (`chunks`; `pending` holds the events since). A token then
+    costs a few bytes, not a JSON string, a tuple and a list slot (~290 B), and the
+    garbage collector has nothing per token to track. Older deltas are encoded again when
+    read, to the same JSON (`Event.create`); other events are kept whole in `others`.
+    """
+
+    message_id: UUID
+    # The seq before the first event: 0, or where a continued answer's log goes on from.
+    base: int = 0
+    ends: array = field(default_factory=lambda: array("I"))
+    chunks: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)  # "" for an event that is not a delta
+    others: dict[int, Event] = field(default_factory=dict)
+    recent: deque[Event] = field(default_factory=lambda: deque(maxlen=RECENT_EVENTS))
     # Replaced on every append: readers wait on the current one, the append sets it.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     expires_at: float | None = None
     # Readers see the first `visible` events; None: all of them (see `InMemoryEventLog.reveal`).
     visible: int | None = None
-    # The seq before the first event: 0, or where a continued answer's log goes on from.
-    base: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def add(self, event: Event) -> None:
+        text = event.data["text"] if event.type == DELTA else ""
+        if event.type != DELTA or len(event.data) > 1:
+            self.others[len(self.ends)] = event
+        self.ends.append((self.ends[-1] if self.ends else 0) + len(text))
+        self.pending.append(text)
+        if len(self.pending) == EVENTS_PER_CHUNK:
+            self.chunks.append("".join(self.pending))
+            self.pending = []
+        self.recent.append(event)
+
+    def get(self, index: int) -> Event:
+        recent = index - (len(self.ends) - len(self.recent))
+        if recent >= 0:
+            return self.recent[recent]
+        other = self.others.get(index)
+        if other is not None:
+            return other
+        chunk = index // EVENTS_PER_CHUNK
+        if chunk < len(self.chunks):
+            chunk_start = self.ends[chunk * EVENTS_PER_CHUNK - 1] if chunk else 0
+            start = self.ends[index - 1] if index else 0
+            text = self.chunks[chunk][start - chunk_start : self.ends[index] - chunk_start]
+        else:
+            text = self.pending[index - chunk * EVENTS_PER_CHUNK]
+        return Event.create(self.base + index + 1, DELTA, {"text": text}, self.message_id)
+
+    def text(self) -> str:
+        """The deltas' text joined, from the last `snapshot` on (a continued answer's text before its log)."""
+        snapshots = [index for index, event in self.others.items() if event.type == SNAPSHOT]
+        deltas = "".join(self.chunks) + "".join(self.pending)
+        if not snapshots:
+            return deltas
+        last = max(snapshots)
+        return self.others[last].data["text"] + deltas[self.ends[last] :]
 
 
 class InMemoryEventLog(EventLog):
@@ -127,7 +187,7 @@ class InMemoryEventLog(EventLog):
 
     async def open(self, message_id: UUID, *, first_seq: int = 1) -> None:
         self._purge_expired()
-        stream = _Stream(visible=0 if self.gated else None, base=first_seq - 1)
+        stream = _Stream(message_id, base=first_seq - 1, visible=0 if self.gated else None)
         if first_seq > 1:
             self._streams[message_id] = stream  # the finished log's readers keep reading their copy
         else:
@@ -138,7 +198,7 @@ class InMemoryEventLog(EventLog):
         stream = self._streams.get(message_id)
         if stream is None or stream.visible is None:
             return
-        visible = len(stream.events) if seq is None else min(seq - stream.base, len(stream.events))
+        visible = len(stream) if seq is None else min(seq - stream.base, len(stream))
         if visible > stream.visible:
             stream.visible = visible
             waiters, stream.changed = stream.changed, asyncio.Event()
@@ -150,8 +210,8 @@ class InMemoryEventLog(EventLog):
             raise LogNotFound(message_id)
         if stream.expires_at is not None:
             raise RuntimeError(f"the event log of {message_id} is closed")
-        event = Event.create(stream.base + len(stream.events) + 1, type, data, message_id)
-        stream.events.append((data["text"], event.json) if type == DELTA and len(data) == 1 else event)
+        event = Event.create(stream.base + len(stream) + 1, type, data, message_id)
+        stream.add(event)
         if event.is_terminal:
             stream.expires_at = self.clock() + self.ttl
         if stream.visible is None:
@@ -168,16 +228,13 @@ class InMemoryEventLog(EventLog):
         base = stream.base
         position = max(after, base) - base  # an index into the events
         while True:
-            events = stream.events
-            while position < (len(events) if stream.visible is None else stream.visible):
-                event = events[position]
+            while position < (len(stream) if stream.visible is None else stream.visible):
+                event = stream.get(position)
                 position += 1
-                if not isinstance(event, Event):
-                    event = Event(base + position, DELTA, {"text": event[0]}, event[1])
                 yield event
                 if event.is_terminal:
                     return
-            if stream.expires_at is not None and position >= len(events):
+            if stream.expires_at is not None and position >= len(stream):
                 return  # ended, and the reader is at or past its end
             changed = stream.changed
             try:
@@ -191,28 +248,22 @@ class InMemoryEventLog(EventLog):
 
     async def tail(self, message_id: UUID) -> Event | None:
         stream = self._streams.get(message_id)
-        if stream is None or not stream.events:
+        if stream is None or len(stream) == 0:
             return None
-        return self._event(stream, len(stream.events) - 1)
+        return stream.get(len(stream) - 1)
 
     async def text(self, message_id: UUID) -> str | None:
         stream = self._streams.get(message_id)
         if stream is None:
             return None
-        parts = []
-        for event in stream.events:
-            if not isinstance(event, Event):
-                parts.append(event[0])
-            elif event.type == SNAPSHOT:  # a continued answer's text before its log
-                parts = [event.data["text"]]
-        return "".join(parts)
+        return stream.text()
 
     async def close_abandoned(self, message_id: UUID, type: str, data: dict) -> int | None:
         stream = self._streams.get(message_id)
         if stream is None:
             return None
         if stream.expires_at is not None:
-            return stream.base + len(stream.events)
+            return stream.base + len(stream)
         return (await self.append(message_id, type, data)).seq
 
     def events(self, message_id: UUID) -> list[Event]:
@@ -220,13 +271,7 @@ class InMemoryEventLog(EventLog):
         stream = self._streams.get(message_id)
         if stream is None:
             return []
-        return [self._event(stream, index) for index in range(len(stream.events))]
-
-    @staticmethod
-    def _event(stream: _Stream, index: int) -> Event:
-        event = stream.events[index]
-        seq = stream.base + index + 1
-        return event if isinstance(event, Event) else Event(seq, DELTA, {"text": event[0]}, event[1])
+        return [stream.get(index) for index in range(len(stream))]
 
     def _purge_expired(self) -> None:
         now = self.clock()

@@ -12,7 +12,8 @@ increasing per message (1, 2, 3, ...):
 
 Every stream ends with exactly one terminal event, so a client can always tell a
 finished answer from a cut one. The JSON text is encoded once, when the event is
-appended, and shared by every reader and transport.
+appended, and shared by every live reader and transport; a replay of older deltas
+encodes them again, to the same text (the log keeps only their text).
 
 A terminal `error` with no `seq` ends one reader's stream, not the answer (this
 server is shutting down, the shared log is unreachable): the client resumes after
