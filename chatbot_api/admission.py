@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from functools import lru_cache
 
 from . import metrics
 from .conf import chatbot_setting
+from .errors import ChatbotError
 
 RETRY_AFTER = 1  # seconds: a starting answer takes milliseconds, so room comes back quickly
 BUSY_MESSAGE = "This server is starting too many answers at once; try again in a moment."
 ADMITTED = "chatbot.admitted"  # the scope key of the request's release callable
+GATE = "chatbot.answer_gate"  # the scope key of the gate, in a WebSocket's scope
 LAG_PROBE = 0.05  # seconds between the lag probe's wake-ups (every 10 ms cost ~2% of a request's CPU)
 LAG_SMOOTHING = 0.5  # weight of the newest probe: one 100 ms pause alone does not refuse anybody
 
@@ -43,26 +46,12 @@ class AnswerAdmission:
         self._probe: asyncio.Task | None = None
 
     async def __call__(self, scope, receive, send):
-        limit, max_lag = chatbot_setting("MAX_STARTING_ANSWERS"), chatbot_setting("MAX_LOOP_LAG")
-        view_class = _answer_view(scope) if (limit or max_lag) and scope["type"] == "http" else None
+        view_class = _answer_view(scope) if shedding_enabled() and scope["type"] == "http" else None
         if view_class is None:
             return await self.app(scope, receive, send)
-        if max_lag:
-            self._watch_this_loop()
-        cause = "starting" if limit and self.starting >= limit else None
-        if cause is None and max_lag and self.loop_lag > max_lag:
-            cause = "loop_lag"
-        if cause:
-            metrics.SHED.labels(cause).inc()
+        release = self.admit()
+        if release is None:
             return await _refuse(view_class, send)
-        self.starting += 1
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.starting -= 1
 
         async def send_and_release(message):
             if message["type"] == "http.response.start":
@@ -73,6 +62,29 @@ class AnswerAdmission:
             await self.app({**scope, ADMITTED: release}, receive, send_and_release)
         finally:
             release()
+
+    def admit(self) -> Callable[[], None] | None:
+        """Count one more answer starting and return its release (safe to call twice), or
+        None when it must be refused (counted in the shedding metric)."""
+        limit, max_lag = chatbot_setting("MAX_STARTING_ANSWERS"), chatbot_setting("MAX_LOOP_LAG")
+        if max_lag:
+            self._watch_this_loop()
+        cause = "starting" if limit and self.starting >= limit else None
+        if cause is None and max_lag and self.loop_lag > max_lag:
+            cause = "loop_lag"
+        if cause:
+            metrics.SHED.labels(cause).inc()
+            return None
+        self.starting += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.starting -= 1
+
+        return release
 
     def _watch_this_loop(self) -> None:
         """The lag probe runs on the loop serving requests (a new one after a test's server restarts)."""
@@ -88,6 +100,34 @@ class AnswerAdmission:
             await asyncio.sleep(LAG_PROBE)
             late = max(loop.time() - asked - LAG_PROBE, 0.0)
             self.loop_lag += LAG_SMOOTHING * (late - self.loop_lag)
+
+
+def shedding_enabled() -> bool:
+    return bool(chatbot_setting("MAX_STARTING_ANSWERS") or chatbot_setting("MAX_LOOP_LAG"))
+
+
+def admit_websocket_answer(scope) -> Callable[[], None]:
+    """A WebSocket's `chat`, `regenerate` or `continue` passes the same gate as an HTTP start:
+    the release, or `busy_error()` raised (the socket stays open; the client retries later)."""
+    gate = scope.get(GATE)
+    if gate is None or not shedding_enabled():
+        return lambda: None
+    release = gate.admit()
+    if release is None:
+        raise busy_error()
+    return release
+
+
+def busy_error() -> ChatbotError:
+    """The refusal as an error a WebSocket sends in a frame: no headers there, so the wait is in it."""
+    return ChatbotError(
+        BUSY_MESSAGE,
+        code="server_busy",
+        status_code=503,
+        retryable=True,
+        headers={"Retry-After": str(RETRY_AFTER)},
+        extra={"retry_safe": True, "retry_after": RETRY_AFTER},
+    )
 
 
 def started(request) -> None:

@@ -28,23 +28,27 @@ def get_asgi_application(http_application=None):
     from .admission import AnswerAdmission
     from .lifespan import LifespanMiddleware
 
+    gate = AnswerAdmission(http_application)  # one count of starting answers for both protocols
     return LifespanMiddleware(
         ProtocolTypeRouter(
             {
-                "http": AnswerAdmission(http_application),
-                "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(ChatWebSocketRouter())),
+                "http": gate,
+                "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(ChatWebSocketRouter(gate))),
             }
         )
     )
 
 
 class ChatWebSocketRouter:
-    """Routes a WebSocket to the chat consumer when the URLconf names its path `websocket`."""
+    """Routes a WebSocket to the chat consumer when the URLconf names its path `websocket`.
 
-    def __init__(self) -> None:
+    The consumer gets the HTTP side's load-shedding gate in its scope (`admission.GATE`)."""
+
+    def __init__(self, gate=None) -> None:
         from .consumers import ChatConsumer
 
         self.consumer = ChatConsumer.as_asgi()
+        self.gate = gate
 
     async def __call__(self, scope, receive, send):
         from django.urls import Resolver404, resolve
@@ -61,4 +65,6 @@ class ChatWebSocketRouter:
             await receive()  # websocket.connect
             await send({"type": "websocket.close", "code": WEBSOCKET_CLOSE_NOT_FOUND})
             return
-        await self.consumer(scope, receive, send)
+        from .admission import GATE
+
+        await self.consumer({**scope, GATE: self.gate}, receive, send)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from uuid import UUID
 
@@ -11,6 +12,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from rest_framework.exceptions import ValidationError
 
 from . import selectors, services
+from .admission import admit_websocket_answer
 from .errors import UNAVAILABLE_ERRORS, ChatbotError, api_exception_handler
 from .identity import owner_for_scope
 from .parsers import loads_frame
@@ -92,26 +94,49 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         serializer = ChatRequestSerializer(data={key: content[key] for key in fields if key in content})
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        turn = await services.chat_start(
-            owner=self.owner,
-            text=data["message"],
-            session_id=data.get("session_id"),
-            transport="websocket",
-            answer_id=data.get("answer_id"),
-            model=data.get("model"),
+        await self._start(
+            content,
+            functools.partial(
+                services.chat_start,
+                owner=self.owner,
+                text=data["message"],
+                session_id=data.get("session_id"),
+                transport="websocket",
+                answer_id=data.get("answer_id"),
+                model=data.get("model"),
+            ),
         )
-        await self._accept_and_follow(content, turn)
 
     async def _regenerate(self, content):
-        turn = await services.answer_regenerate(
-            owner=self.owner, message_id=content.get("message_id"), transport="websocket"
+        await self._start(
+            content,
+            functools.partial(
+                services.answer_regenerate,
+                owner=self.owner,
+                message_id=content.get("message_id"),
+                transport="websocket",
+            ),
         )
-        await self._accept_and_follow(content, turn)
 
     async def _continue(self, content):
-        turn = await services.answer_continue(
-            owner=self.owner, message_id=content.get("message_id"), transport="websocket"
+        await self._start(
+            content,
+            functools.partial(
+                services.answer_continue,
+                owner=self.owner,
+                message_id=content.get("message_id"),
+                transport="websocket",
+            ),
         )
+
+    async def _start(self, content, start) -> None:
+        """Start an answer through the worker's load-shedding gate, as an HTTP start would:
+        refused (`server_busy`, nothing saved) while the worker starts too many at once."""
+        release = admit_websocket_answer(self.scope)
+        try:
+            turn = await start()
+        finally:
+            release()
         await self._accept_and_follow(content, turn)
 
     async def _accept_and_follow(self, content, turn) -> None:

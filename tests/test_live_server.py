@@ -179,6 +179,56 @@ async def test_a_worker_whose_event_loop_lags_refuses_new_answers_until_it_catch
     assert gate.starting == 0
 
 
+async def test_a_lagging_worker_refuses_a_websocket_answer_in_a_frame_and_keeps_the_socket(
+    live_server_url, upstream, chatbot_settings
+):
+    # The WebSocket's starts pass the same gate as HTTP's: refused in an error frame that
+    # says when to retry, nothing saved, and the socket (with its other answers) stays open.
+    from chatbot_api.models import Message
+
+    chatbot_settings(MAX_STARTING_ANSWERS=8, MAX_LOOP_LAG=0.1)
+    gate = answer_admission()
+    async with new_browser(live_server_url) as client:
+        cookie = "; ".join(f"{k}={v}" for k, v in client.cookies.items())
+    ws_url = live_server_url.replace("http://", "ws://") + "/ws/chat/"
+
+    async def answer(ws, text: str) -> str:
+        await ws.send(json.dumps({"type": "chat", "message": text}))
+        events = []
+        while not events or events[-1]["type"] not in ("done", "error"):
+            events.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+        return "".join(e["text"] for e in events if e["type"] == "delta")
+
+    async with websockets.connect(
+        ws_url, additional_headers={"Cookie": cookie}, origin=live_server_url
+    ) as ws:
+        upstream.enqueue(Script(chunks=["first"]))
+        assert await answer(ws, "Hi") == "first"  # and the gate's lag probe runs on the server's loop
+        with lagging_loop(gate):
+            async with asyncio.timeout(10):
+                while gate.loop_lag <= 0.1:  # noqa: ASYNC110 (another thread's value)
+                    await asyncio.sleep(0.05)
+            await ws.send(json.dumps({"type": "chat", "message": "Refused", "request_id": "r2"}))
+            refused = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert {
+            k: refused[k] for k in ("type", "code", "retryable", "retry_safe", "retry_after", "request_id")
+        } == {
+            "type": "error",
+            "code": "server_busy",
+            "retryable": True,
+            "retry_safe": True,
+            "retry_after": 1,
+            "request_id": "r2",
+        }
+        async with asyncio.timeout(10):
+            while gate.loop_lag > 0.1:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        upstream.enqueue(Script(chunks=["again"]))
+        assert await answer(ws, "Hi again") == "again"
+    assert not await Message.objects.filter(content="Refused").aexists()
+    assert gate.starting == 0
+
+
 async def test_a_json_mode_answer_stops_counting_as_starting_once_its_model_request_is_out(
     live_server_url, upstream, chatbot_settings
 ):
