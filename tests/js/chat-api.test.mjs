@@ -178,8 +178,18 @@ test("a refused request rejects with ApiError; a closed socket rejects its reade
   FakeSocket.last.receive({ type: "error", code: "rate_limited", message: "slow down", retry_after: 7, request_id: request.request_id });
   await assert.rejects(refused, (error) => error instanceof ApiError && error.status === 429 && error.retryAfter === 7);
 
+  // Load shedding refuses a start as HTTP's 503 does, retry_safe in the body: the page may send it again.
+  const shed = client.streamChat({ message: "Hi", onEvent() {} });
+  const second = await sent(FakeSocket.last, 2);
+  const busy = { type: "error", code: "server_busy", message: "busy", retryable: true, retry_safe: true, retry_after: 1 };
+  FakeSocket.last.receive({ ...busy, request_id: second.request_id });
+  await assert.rejects(
+    shed,
+    (error) => error.status === 503 && error.retryAfter === 1 && error.body?.retry_safe === true,
+  );
+
   const cut = client.followEvents({ messageId: "m3", after: 0, onEvent() {} });
-  await sent(FakeSocket.last, 2);
+  await sent(FakeSocket.last, 3);
   FakeSocket.last.close();
   await assert.rejects(cut, ConnectionLost);
 });

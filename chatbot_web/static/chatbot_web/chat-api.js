@@ -285,6 +285,9 @@ function chatBody(message, sessionId, streaming, model) {
   return body;
 }
 
+// The HTTP status a WebSocket error frame stands for, where the page treats them alike.
+const STATUS_OF_FRAME_CODE = { rate_limited: 429, server_busy: 503 };
+
 /**
  * The WebSocket transport: one socket for the page, opened on first use. Its methods mirror
  * ChatApi.streamChat / streamRegenerate / followEvents: they resolve at the answer's terminal
@@ -423,9 +426,10 @@ export class ChatSocket {
       new ApiError({
         code: frame.code,
         message: frame.message,
-        status: frame.code === "rate_limited" ? 429 : 0,
+        status: STATUS_OF_FRAME_CODE[frame.code] ?? 0,
         retryAfter: numberOrNull(frame.retry_after),
         limit: typeof frame.limit === "string" ? frame.limit : null,
+        body: frame, // as an HTTP refusal's JSON body: `retry_safe` lets the page send the start again
       }),
     );
   }
