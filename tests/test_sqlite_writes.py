@@ -1,4 +1,4 @@
-"""The SQLite backend's write lock: this process's writers take turns without SQLite's polling.
+"""The SQLite backend: writers take turns without polling; closed connections serve the next thread.
 
 Real threads, each with its own connection to the test database file, as request
 threads and the generations' database thread have.
@@ -6,15 +6,18 @@ threads and the generations' database thread have.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from django.db import connection, connections, transaction
 
 from chatbot_api.models import Conversation
-from chatbot_api.sqlite3.base import WRITE_LOCK
+from chatbot_api.sqlite3 import base as base_module
+from chatbot_api.sqlite3.base import WRITE_LOCK, DatabaseWrapper
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -91,3 +94,105 @@ def test_a_writer_that_waited_the_busy_timeout_goes_on_without_the_lock(settings
         options["timeout"] = busy_timeout
     assert held.is_set() and 0.2 <= waited < 5
     assert Conversation.objects.filter(title="written anyway").exists()
+
+
+# --- Idle connections kept for the next thread (a database file; the suite's own is in memory) ---
+
+
+@pytest.fixture
+def file_database(tmp_path):
+    """Open a connection to a real SQLite file through the project's backend, on a thread of its own."""
+    settings_dict = {**connection.settings_dict, "NAME": str(tmp_path / "pool.sqlite3")}
+
+    def open_one():
+        wrapper = DatabaseWrapper(settings_dict, alias="pooled")
+        wrapper.ensure_connection()
+        return wrapper
+
+    yield settings_dict, open_one
+    with base_module._idle_lock:
+        kept = [
+            each
+            for key, idle in base_module._idle.items()
+            if key[0] == settings_dict["NAME"]
+            for each in idle
+        ]
+        base_module._idle = {k: v for k, v in base_module._idle.items() if k[0] != settings_dict["NAME"]}
+    for each in kept:
+        each.close()
+
+
+def on_a_thread(function):
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        return executor.submit(function).result(timeout=30)
+
+
+def test_a_closed_connection_to_a_file_serves_the_next_thread_and_works(file_database):
+    _, open_one = file_database
+
+    def write_and_close(title: str):
+        wrapper = open_one()
+        with wrapper.cursor() as cursor:
+            cursor.execute("CREATE TABLE IF NOT EXISTS t (title TEXT)")
+            cursor.execute("INSERT INTO t VALUES (%s)", [title])
+            raw = wrapper.connection
+            cursor.execute("SELECT group_concat(title) FROM t")
+            titles = cursor.fetchone()[0]
+        wrapper.close()
+        return raw, titles
+
+    first, _ = on_a_thread(lambda: write_and_close("a"))
+    second, titles = on_a_thread(lambda: write_and_close("b"))
+    assert second is first, "the second thread got the first one's connection"
+    assert titles == "a,b"
+
+
+def test_a_connection_closed_in_a_transaction_or_past_the_limit_is_really_closed(file_database):
+    _, open_one = file_database
+
+    def close_in_a_transaction():
+        wrapper = open_one()
+        raw = wrapper.connection
+        raw.execute("BEGIN")
+        wrapper.close()
+        return raw
+
+    closed = on_a_thread(close_in_a_transaction)
+    with pytest.raises(sqlite3.ProgrammingError):  # closed, not kept
+        closed.execute("SELECT 1")
+
+    def open_many():
+        wrappers = [open_one() for _ in range(base_module.IDLE_CONNECTIONS + 4)]
+        raws = [w.connection for w in wrappers]
+        for wrapper in wrappers:
+            wrapper.close()
+        return raws
+
+    raws = on_a_thread(open_many)
+    kept = sum(1 for raw in raws if _is_open(raw))
+    assert kept == base_module.IDLE_CONNECTIONS
+
+
+def test_a_database_file_created_again_does_not_get_the_old_files_connections(file_database):
+    settings_dict, open_one = file_database
+
+    def open_and_close():
+        wrapper = open_one()
+        raw = wrapper.connection
+        wrapper.close()
+        return raw
+
+    old = on_a_thread(open_and_close)
+    for suffix in ("", "-wal", "-shm"):
+        Path(settings_dict["NAME"] + suffix).unlink(missing_ok=True)
+    Path(settings_dict["NAME"]).touch()  # a new file at the same path
+    new = on_a_thread(open_and_close)
+    assert new is not old and not _is_open(old)
+
+
+def _is_open(raw) -> bool:
+    try:
+        raw.execute("SELECT 1")
+    except sqlite3.ProgrammingError:
+        return False
+    return True
