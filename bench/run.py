@@ -46,8 +46,8 @@ from bench import load, servers
 from bench.load import Stream, Summary, WebSocketChat, http_client, message
 from tests.support.fake_openai import FakeOpenAI, FakeOpenAIServer, Script
 
-SCENARIOS = ("latency", "scale", "db", "local", "stop", "overload", "soak", "workers")
-OPT_IN = ("workers",)  # needs Redis and PostgreSQL: only with --scenario
+SCENARIOS = ("latency", "scale", "db", "local", "stop", "overload", "soak", "workers", "soak-cluster")
+OPT_IN = ("workers", "soak-cluster")  # need Redis and PostgreSQL: only with --scenario
 RESULTS = servers.ROOT / "bench" / "results" / "latest.md"
 LOCAL_PROMPT = "Write a short story about a robot who learns to paint."
 WARM_UP = message(chunks=4, interval=0)
@@ -348,17 +348,10 @@ async def workers(bench: Bench) -> list[Row]:
     """The same steps on 1 and 2 uvicorn workers sharing the Redis event log and PostgreSQL."""
     plan = bench.plan
     scenario = "3b. Scale-out"
-    try:
-        import redis
-
-        store = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
-        store.ping()
-        database = servers.PostgresDatabase(POSTGRES_URL)
-    except Exception as error:  # a missing service is a result, not a crash
-        return [
-            Row(scenario, "not run", f"needs Redis ({REDIS_URL}) and PostgreSQL ({POSTGRES_URL}): {error}")
-        ]
-    env = {"REDIS_URL": REDIS_URL, "CHATBOT_EVENT_LOG": "redis"}
+    backends = _cluster_backends(scenario)
+    if isinstance(backends, Row):
+        return [backends]
+    store, database, env = backends
     rows: list[Row] = []
     for count in plan.worker_steps:
         text, chunks, control = await _control(bench, count)
@@ -370,6 +363,19 @@ async def workers(bench: Bench) -> list[Row]:
             setup = f"{worker_count} worker{'s' if worker_count > 1 else ''}, Redis event log + PostgreSQL"
             rows.append(Row(f"{scenario}: {count} × 20 tok/s", setup, _step_result(step)[0]))
     return rows
+
+
+def _cluster_backends(scenario: str):
+    """(Redis client, PostgreSQL database, server environment), or the row saying why not."""
+    try:
+        import redis
+
+        store = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+        store.ping()
+        database = servers.PostgresDatabase(POSTGRES_URL)
+    except Exception as error:  # a missing service is a result, not a crash
+        return Row(scenario, "not run", f"needs Redis ({REDIS_URL}) and PostgreSQL ({POSTGRES_URL}): {error}")
+    return store, database, {"REDIS_URL": REDIS_URL, "CHATBOT_EVENT_LOG": "redis"}
 
 
 def _scale_row(step: Step, plan: Plan) -> Row:
@@ -661,13 +667,22 @@ SOAK_TEXT = message(chunks=8, interval=0.005)
 SOAK_LOG_TTL = 5  # seconds a finished answer's events stay in memory (the product's default: 600)
 
 
-async def soak(bench: Bench) -> list[Row]:
+async def soak(bench: Bench, *, cluster: bool = False) -> list[Row]:
     """Answers of every kind, 20 at a time, and the server's RSS after each block once warm.
 
     A worker that keeps something per answer (a cache, a registry, a log past its TTL,
     metric label sets) grows with the answers it served; one that only fragments its heap
-    levels off. The slope after the warm-up tells which.
+    levels off. The slope after the warm-up tells which. `cluster`: on PostgreSQL and the
+    Redis event log (`soak-cluster`), as a scaled-out worker runs.
     """
+    backends = {"name": "SQLite + in-memory log", "database": None, "env": {}}
+    if cluster:
+        found = _cluster_backends("8b. Soak, PostgreSQL + Redis")
+        if isinstance(found, Row):
+            return [found]
+        store, database, env = found
+        store.flushdb()
+        backends = {"name": "PostgreSQL + Redis log", "database": database, "env": env}
     warm_up, block, blocks = bench.plan.soak
     total = warm_up + block * blocks
     done, failed = 0, Counter[str]()
@@ -679,8 +694,9 @@ async def soak(bench: Bench) -> list[Row]:
         "CHATBOT_MAX_STARTING_ANSWERS": "0",
         "CHATBOT_MAX_LOOP_LAG": "0",
         "CHATBOT_EVENT_LOG_TTL": str(SOAK_LOG_TTL),
+        **backends["env"],
     }
-    with bench.server(**overrides) as server:
+    with bench.server(database=backends["database"], **overrides) as server:
         sockets = [await load.WebSocketChat.open(server.url) for _ in range(SOAK_CLIENTS)]
         async with http_client() as client:
             kinds = [
@@ -713,7 +729,10 @@ async def soak(bench: Bench) -> list[Row]:
     per_block = [b - a for a, b in zip(rss, rss[1:], strict=False)]
     slope = statistics.median(per_block) * 1000 / block if per_block else float("nan")
     series = " → ".join(f"{kib / 1024:.1f}" for kib in rss)
-    scenario = f"8. Soak: {total} answers, {SOAK_CLIENTS} in flight, 6 kinds, log TTL {SOAK_LOG_TTL} s"
+    scenario = (
+        f"8{'b' if cluster else ''}. Soak ({backends['name']}): {total} answers, {SOAK_CLIENTS} in flight, "
+        f"6 kinds, log TTL {SOAK_LOG_TTL} s"
+    )
     rows = [
         Row(scenario, f"server RSS after each {block} answers once warm ({warm_up} answers), MiB",
             f"{series}; median growth {slope:.0f} KiB per 1000 answers; {sum(failed.values())} failed",
@@ -732,6 +751,7 @@ async def soak(bench: Bench) -> list[Row]:
 RUNNERS: dict[str, Callable[[Bench], Awaitable[list[Row]]]] = {
     "latency": latency, "scale": scale, "db": db_writes, "local": local_model, "stop": stop,
     "overload": overload, "soak": soak, "workers": workers,
+    "soak-cluster": functools.partial(soak, cluster=True),
 }  # fmt: skip
 
 

@@ -185,6 +185,16 @@ def upstream(workdir: Path, *, chunks: int = 64, interval: float = 0.02) -> Iter
 API_TOKEN = "bench-api-token-0123456789abcdef01234567"  # Token.key holds 40 characters
 
 
+def _create_api_user(env: dict[str, str], root: Path) -> None:
+    """A user with an API token (`API_TOKEN`): the way a program is meant to call the API."""
+    api_user = (
+        "from django.contrib.auth.models import User; from rest_framework.authtoken.models import Token; "
+        f"Token.objects.get_or_create(key={API_TOKEN!r}, "
+        "user=User.objects.get_or_create(username='bench')[0])"
+    )
+    subprocess.run([PYTHON, "manage.py", "shell", "-c", api_user], cwd=root, env=env, check=True, timeout=120)
+
+
 @dataclass
 class Database:
     """A migrated SQLite file, copied for every server so each starts from the same state.
@@ -204,15 +214,7 @@ class Database:
         env = {**base_env(self.root), **SERVER_ENV, "DATABASE_URL": f"sqlite:///{self.template}"}
         migrate = [PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"]
         subprocess.run(migrate, cwd=self.root, env=env, check=True, timeout=120)
-        # A user with an API token: the way a program is meant to call the API.
-        api_user = (
-            "from django.contrib.auth.models import User; from rest_framework.authtoken.models import Token; "
-            f"Token.objects.get_or_create(key={API_TOKEN!r}, "
-            "user=User.objects.get_or_create(username='bench')[0])"
-        )
-        subprocess.run(
-            [PYTHON, "manage.py", "shell", "-c", api_user], cwd=self.root, env=env, check=True, timeout=120
-        )
+        _create_api_user(env, self.root)
 
     def fresh(self) -> str:
         self.copies += 1
@@ -240,6 +242,7 @@ class PostgresDatabase:
         subprocess.run(
             [PYTHON, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True
         )
+        _create_api_user(env, ROOT)
 
     def fresh(self) -> str:
         return self.url
