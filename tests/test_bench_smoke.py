@@ -28,10 +28,11 @@ SCENARIOS = (
 )
 
 
-def run_quick(output: Path, *args: str) -> str:
+def run_bench(*argv: str) -> str:
+    """`python -m <argv>` from the checkout, in its own process group; its output, once it succeeded."""
     env = {key: value for key, value in os.environ.items() if key != "DJANGO_SETTINGS_MODULE"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.run", "--quick", "--output", str(output), *args],
+        [sys.executable, "-m", *argv],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -45,8 +46,12 @@ def run_quick(output: Path, *args: str) -> str:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)  # the run and every server it started
             process.wait()
-
     assert process.returncode == 0, log
+    return log
+
+
+def run_quick(output: Path, *args: str) -> str:
+    run_bench("bench.run", "--quick", "--output", str(output), *args)
     table = output.read_text()
     assert "scenario failed" not in table, table
     return table
@@ -74,3 +79,12 @@ def test_quick_soak_on_postgres_and_redis_runs_where_they_are(tmp_path: Path) ->
         pytest.skip("Redis or PostgreSQL is not running: " + table.rsplit("| not run |", 1)[1][:200])
     assert "| 8b. Soak (PostgreSQL + Redis log): 40 answers" in table, table
     assert "; 0 failed |" in table, table
+
+
+@pytest.mark.parametrize("trace", [False, True], ids=["rss", "tracemalloc"])
+def test_the_memory_benchmark_holds_streams_open_and_reports_per_stream(trace: bool) -> None:
+    argv = ["bench.memory", "--streams", "3", "--tokens", "20", "--interval", "0.02", "--ramp", "0.1"]
+    log = run_bench(*argv, *(["--trace"] if trace else []))
+    assert "3 SSE streams of 20 tokens (20 ms apart) opened over 0.1 s, 3 whole" in log, log
+    assert "KiB per open stream" in log, log
+    assert ("KiB of Python objects per open stream" in log) is trace, log
