@@ -125,7 +125,6 @@ def busy_error() -> ChatbotError:
         code="server_busy",
         status_code=503,
         retryable=True,
-        headers={"Retry-After": str(RETRY_AFTER)},
         extra={"retry_safe": True, "retry_after": RETRY_AFTER},
     )
 

@@ -45,10 +45,11 @@ class ChatWebSocketRouter:
     The consumer gets the HTTP side's load-shedding gate in its scope (`admission.GATE`)."""
 
     def __init__(self, gate=None) -> None:
+        from .admission import GATE
         from .consumers import ChatConsumer
 
         self.consumer = ChatConsumer.as_asgi()
-        self.gate = gate
+        self.gate_scope = {GATE: gate}
 
     async def __call__(self, scope, receive, send):
         from django.urls import Resolver404, resolve
@@ -65,6 +66,4 @@ class ChatWebSocketRouter:
             await receive()  # websocket.connect
             await send({"type": "websocket.close", "code": WEBSOCKET_CLOSE_NOT_FOUND})
             return
-        from .admission import GATE
-
-        await self.consumer({**scope, GATE: self.gate}, receive, send)
+        await self.consumer({**scope, **self.gate_scope}, receive, send)

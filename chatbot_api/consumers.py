@@ -108,24 +108,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
 
     async def _regenerate(self, content):
-        await self._start(
-            content,
-            functools.partial(
-                services.answer_regenerate,
-                owner=self.owner,
-                message_id=content.get("message_id"),
-                transport="websocket",
-            ),
-        )
+        await self._start_on_answer(content, services.answer_regenerate)
 
     async def _continue(self, content):
+        await self._start_on_answer(content, services.answer_continue)
+
+    async def _start_on_answer(self, content, service) -> None:
+        """`regenerate` and `continue`: a new answer (or part) for the one `message_id` names."""
         await self._start(
             content,
             functools.partial(
-                services.answer_continue,
-                owner=self.owner,
-                message_id=content.get("message_id"),
-                transport="websocket",
+                service, owner=self.owner, message_id=content.get("message_id"), transport="websocket"
             ),
         )
 

@@ -64,19 +64,23 @@ def test_quick_benchmark_runs_every_scenario(tmp_path: Path) -> None:
     assert "Command: `" in table and "Machine: " in table and "Versions: Python" in table
 
 
-def test_quick_scale_out_benchmark_runs_where_redis_and_postgres_are(tmp_path: Path) -> None:
-    table = run_quick(tmp_path / "workers.md", "--scenario", "workers")
-    if "| 3b. Scale-out | not run |" in table:
+def run_quick_on_cluster(output: Path, scenario: str) -> str:
+    """An opt-in scenario's quick table; skipped where Redis or PostgreSQL is not running."""
+    table = run_quick(output, "--scenario", scenario)
+    if "| not run |" in table:
         pytest.skip("Redis or PostgreSQL is not running: " + table.rsplit("| not run |", 1)[1][:200])
+    return table
+
+
+def test_quick_scale_out_benchmark_runs_where_redis_and_postgres_are(tmp_path: Path) -> None:
+    table = run_quick_on_cluster(tmp_path / "workers.md", "workers")
     assert "| 3b. Scale-out: 2 × 20 tok/s | 1 worker, " in table, table
     assert "| 3b. Scale-out: 2 × 20 tok/s | 2 workers, " in table, table
     assert table.count("errors 0; lost frames 0") == 2, table
 
 
 def test_quick_soak_on_postgres_and_redis_runs_where_they_are(tmp_path: Path) -> None:
-    table = run_quick(tmp_path / "soak-cluster.md", "--scenario", "soak-cluster")
-    if "| not run |" in table:
-        pytest.skip("Redis or PostgreSQL is not running: " + table.rsplit("| not run |", 1)[1][:200])
+    table = run_quick_on_cluster(tmp_path / "soak-cluster.md", "soak-cluster")
     assert "| 8b. Soak (PostgreSQL + Redis log): 40 answers" in table, table
     assert "; 0 failed |" in table, table
 
