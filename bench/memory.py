@@ -18,35 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
-import pickle
-import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from . import load, servers
 
-SITE = Path(__file__).resolve().parent / "tracemalloc_site"
 # Grouped by the first of these in the allocating file's path (else the file itself).
 PACKAGES = (
     "django/db", "django/core/handlers", "django/http", "django/urls", "django", "rest_framework",
     "httpx", "openai", "aiohttp", "uvicorn", "chatbot_api/streaming", "chatbot_api", "asyncio",
     "asgiref", "json", "python3",
 )  # fmt: skip
-
-
-def _snapshot(pid: int, directory: Path, index: int):
-    os.kill(pid, signal.SIGUSR1)
-    path = directory / f"snapshot-{pid}-{index}.pickle"
-    deadline = time.monotonic() + 60
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no snapshot from {pid}")
-        time.sleep(0.1)
-    with path.open("rb") as file:
-        return pickle.load(file)
 
 
 def _by_package(before, during, streams: int) -> list[tuple[str, float]]:
@@ -63,7 +46,7 @@ async def measure(streams: int, tokens: int, interval: float, ramp: float, trace
     workdir = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     env = {"CHATBOT_MAX_STARTING_ANSWERS": "0", "CHATBOT_MAX_LOOP_LAG": "0"}
     if trace:
-        env |= {"PYTHONPATH": f"{SITE}{os.pathsep}{servers.ROOT}", "BENCH_TRACEMALLOC": str(workdir)}
+        env |= servers.traced_env(workdir)
     database = servers.Database(workdir / "db")
     with (
         servers.upstream(workdir) as upstream,
@@ -75,13 +58,13 @@ async def measure(streams: int, tokens: int, interval: float, ramp: float, trace
                 await load.sse(client, server.url, load.message(chunks=2, interval=0.0))
             await asyncio.sleep(1)
             idle = server.rss_kib()
-            before = _snapshot(server.pid, workdir, 0) if trace else None
+            before = servers.tracemalloc_snapshot(server.pid, workdir, 0) if trace else None
             answers = asyncio.create_task(
                 load.ramped(lambda: load.sse(client, server.url, text), streams, ramp)
             )
             await asyncio.sleep((ramp + tokens * interval) / 2)
             during_rss = server.rss_kib()
-            during = _snapshot(server.pid, workdir, 1) if trace else None
+            during = servers.tracemalloc_snapshot(server.pid, workdir, 1) if trace else None
             results = await answers
         ok = sum(result.ok and len(result.deltas) == tokens for result in results)
         print(

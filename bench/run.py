@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import resource
@@ -34,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +55,7 @@ WARM_UP = message(chunks=4, interval=0)
 STREAMED = ("sse", "sse-token", "websocket", "ndjson")
 CLIENTS = {"sse": "sse (anonymous, no cookie: a new session each)", "sse-token": "sse (API token)"}
 Runs = dict[str, list[Stream]]  # client name -> its answers
+SOAK_CLIENTS = 20  # soak: answers in flight at once
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class Plan:
     local_pairs: int
     overload: tuple[int, int, float]  # (streams running, burst of new requests, seconds the burst takes)
     soak: tuple[int, int, int]  # (answers of warm-up, answers per block, blocks)
+    soak_clients: int = SOAK_CLIENTS
+    soak_minutes: float | None = None  # soak: blocks until this long after the warm-up, not `soak`'s count
+    trace: bool = False  # soak: the server under tracemalloc
 
     @classmethod
     def full(cls, runs: int) -> Plan:
@@ -662,9 +667,9 @@ async def overload(bench: Bench) -> list[Row]:
 
 # --- 8: soak -------------------------------------------------------------------------------------
 
-SOAK_CLIENTS = 20  # answers in flight at once
 SOAK_TEXT = message(chunks=8, interval=0.005)
 SOAK_LOG_TTL = 5  # seconds a finished answer's events stay in memory (the product's default: 600)
+SOAK_TOP_SITES = 8  # with --trace: the allocation sites that grew most, reported
 
 
 async def soak(bench: Bench, *, cluster: bool = False) -> list[Row]:
@@ -673,7 +678,10 @@ async def soak(bench: Bench, *, cluster: bool = False) -> list[Row]:
     A worker that keeps something per answer (a cache, a registry, a log past its TTL,
     metric label sets) grows with the answers it served; one that only fragments its heap
     levels off. The slope after the warm-up tells which. `cluster`: on PostgreSQL and the
-    Redis event log (`soak-cluster`), as a scaled-out worker runs.
+    Redis event log (`soak-cluster`), as a scaled-out worker runs. With `--soak-minutes`
+    blocks go on until that long after the warm-up; with `--trace` the server runs under
+    tracemalloc, and its Python objects after each block (a snapshot) say whether what
+    grows is kept by Python code, and where, or is the allocator's.
     """
     backends = {"name": "SQLite + in-memory log", "database": None, "env": {}}
     if cluster:
@@ -683,10 +691,11 @@ async def soak(bench: Bench, *, cluster: bool = False) -> list[Row]:
         store, database, env = found
         store.flushdb()
         backends = {"name": "PostgreSQL + Redis log", "database": database, "env": env}
-    warm_up, block, blocks = bench.plan.soak
-    total = warm_up + block * blocks
+    warm_up, block, _ = bench.plan.soak
+    clients, trace = bench.plan.soak_clients, bench.plan.trace
     done, failed = 0, Counter[str]()
     rss: list[int] = []
+    snapshots: list = []
     # 20 answers starting at once is the load here, not an overload to shed. Finished
     # answers' logs are kept for the log TTL (600 s): a short one lets them go during the
     # run, so what still grows is kept by something else.
@@ -695,9 +704,11 @@ async def soak(bench: Bench, *, cluster: bool = False) -> list[Row]:
         "CHATBOT_MAX_LOOP_LAG": "0",
         "CHATBOT_EVENT_LOG_TTL": str(SOAK_LOG_TTL),
         **backends["env"],
+        **(servers.traced_env(bench.workdir) if trace else {}),
     }
+    started = time.monotonic()
     with bench.server(database=backends["database"], **overrides) as server:
-        sockets = [await load.WebSocketChat.open(server.url) for _ in range(SOAK_CLIENTS)]
+        sockets = [await load.WebSocketChat.open(server.url) for _ in range(clients)]
         async with http_client() as client:
             kinds = [
                 lambda n, client_index: load.sse(client, server.url, SOAK_TEXT, token=servers.API_TOKEN),
@@ -709,7 +720,9 @@ async def soak(bench: Bench, *, cluster: bool = False) -> list[Row]:
                     client, server.url, SOAK_TEXT, leave_after=2
                 ),  # a tab closed
             ]
-            counter = iter(range(total))
+            warm_at: list[float] = []  # when the first block was measured
+            counter = _soak_answers(bench.plan, warm_at)
+            lock = asyncio.Lock()  # one block's measurement at a time
 
             async def one_client(index: int) -> None:  # its own WebSocket: one reader per socket
                 nonlocal done
@@ -719,30 +732,89 @@ async def soak(bench: Bench, *, cluster: bool = False) -> list[Row]:
                         failed[(stream.error or stream.terminal)[:80]] += 1
                     done += 1
                     if done >= warm_up and (done - warm_up) % block == 0:
-                        await asyncio.sleep(0)  # the block's last answers may still be ending
-                        rss.append(server.rss_kib())
+                        async with lock:
+                            await asyncio.sleep(0)  # the block's last answers may still be ending
+                            warm_at[:] = warm_at or [time.monotonic()]
+                            rss.append(server.rss_kib())
+                            if trace:  # the other clients wait meanwhile: a snapshot takes seconds
+                                snapshots.append(
+                                    servers.tracemalloc_snapshot(server.pid, bench.workdir, len(snapshots))
+                                )
+                            progress(f"soak: {done} answers, RSS {rss[-1] / 1024:.1f} MiB")
 
-            await asyncio.gather(*(one_client(index) for index in range(SOAK_CLIENTS)))
+            await asyncio.gather(*(one_client(index) for index in range(clients)))
         for socket in sockets:
             await socket.close()
         server.check_alive()
+    scenario = (
+        f"8{'b' if cluster else ''}. Soak ({backends['name']}): {done} answers in "
+        f"{(time.monotonic() - started) / 60:.0f} min, {clients} in flight, 6 kinds, "
+        f"log TTL {SOAK_LOG_TTL} s{', under tracemalloc' if trace else ''}"
+    )
+    return _soak_rows(scenario, bench.plan, rss, snapshots, failed)
+
+
+def _soak_answers(plan: Plan, warm_at: list[float]) -> Iterator[int]:
+    """The answers' numbers: `soak`'s count, or until `soak_minutes` after the warm-up."""
+    warm_up, block, blocks = plan.soak
+    for n in itertools.count():
+        if plan.soak_minutes is None and n >= warm_up + block * blocks:
+            return
+        if (
+            plan.soak_minutes is not None
+            and warm_at
+            and time.monotonic() - warm_at[0] > plan.soak_minutes * 60
+        ):
+            return
+        yield n
+
+
+def _soak_rows(scenario: str, plan: Plan, rss: list[int], snapshots: list, failed: Counter[str]) -> list[Row]:
+    warm_up, block, _ = plan.soak
     per_block = [b - a for a, b in zip(rss, rss[1:], strict=False)]
     slope = statistics.median(per_block) * 1000 / block if per_block else float("nan")
     series = " → ".join(f"{kib / 1024:.1f}" for kib in rss)
-    scenario = (
-        f"8{'b' if cluster else ''}. Soak ({backends['name']}): {total} answers, {SOAK_CLIENTS} in flight, "
-        f"6 kinds, log TTL {SOAK_LOG_TTL} s"
-    )
     rows = [
         Row(scenario, f"server RSS after each {block} answers once warm ({warm_up} answers), MiB",
             f"{series}; median growth {slope:.0f} KiB per 1000 answers; {sum(failed.values())} failed",
             "flat within noise", None),
     ]  # fmt: skip
+    if len(snapshots) > 1:
+        rows += _soak_traced(scenario, snapshots, block)
     if failed:
         rows.append(
             Row(scenario, "failures", "; ".join(f"{c}× {e}" for e, c in failed.most_common(3)), "none")
         )
     return rows
+
+
+def _soak_traced(scenario: str, snapshots: list, block: int) -> list[Row]:
+    """Python objects after each block, and the sites that grew most from the first to the last."""
+    traced = [sum(stat.size for stat in snapshot.statistics("filename")) for snapshot in snapshots]
+    per_block = [b - a for a, b in zip(traced, traced[1:], strict=False)]
+    slope = statistics.median(per_block) * 1000 / block / 1024
+    answers = block * (len(snapshots) - 1)
+    grown = [stat for stat in snapshots[-1].compare_to(snapshots[0], "lineno") if stat.size_diff > 0][
+        :SOAK_TOP_SITES
+    ]
+    sites = "; ".join(
+        f"{_short_path(stat.traceback[0].filename)}:{stat.traceback[0].lineno} "
+        f"{stat.size_diff * 1000 / answers / 1024:+.1f} KiB ({stat.count_diff * 1000 / answers:+.0f} objects)"
+        for stat in grown
+    )
+    series = " → ".join(f"{size / 1024 / 1024:.2f}" for size in traced)
+    return [
+        Row(scenario, f"Python objects (tracemalloc) after each {block} answers, MiB",
+            f"{series}; median growth {slope:.1f} KiB per 1000 answers", "flat within noise", None),
+        Row(scenario, f"sites grown most over the last {answers} answers, per 1000 answers", sites or "none"),
+    ]  # fmt: skip
+
+
+def _short_path(filename: str) -> str:
+    for marker in ("site-packages/", "/python3.11/", str(servers.ROOT) + "/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return filename
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -822,10 +894,21 @@ def main(argv: list[str] | None = None) -> int:
         type=_counts,
         help="scale: these concurrent-stream counts, e.g. 100,250 (default 50 … 1000)",
     )
+    parser.add_argument("--soak-minutes", type=float, help="soak: go on this long after the warm-up")
+    parser.add_argument("--soak-clients", type=int, help=f"soak: answers in flight (default {SOAK_CLIENTS})")
+    parser.add_argument(
+        "--trace", action="store_true", help="soak: the server under tracemalloc, a snapshot per block"
+    )
     args = parser.parse_args(argv)
     plan = Plan.quick(args.runs or 1) if args.quick else Plan.full(args.runs or 3)
     if args.steps:
         plan = dataclasses.replace(plan, steps=args.steps)
+    plan = dataclasses.replace(
+        plan,
+        soak_minutes=args.soak_minutes,
+        soak_clients=args.soak_clients or SOAK_CLIENTS,
+        trace=args.trace,
+    )
     names = args.scenario or [
         name for name in SCENARIOS if name not in OPT_IN and not (args.quick and name == "local")
     ]

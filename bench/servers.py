@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import platform
 import resource
 import shutil
@@ -295,6 +296,27 @@ def server(
 
         _wait_for(process, ready, timeout=60)
         yield process
+
+
+TRACEMALLOC_SITE = ROOT / "bench" / "tracemalloc_site"
+
+
+def traced_env(directory: Path) -> dict[str, str]:
+    """Server overrides that run it under tracemalloc, its snapshots written to `directory`."""
+    return {"PYTHONPATH": f"{TRACEMALLOC_SITE}{os.pathsep}{ROOT}", "BENCH_TRACEMALLOC": str(directory)}
+
+
+def tracemalloc_snapshot(pid: int, directory: Path, index: int, timeout: float = 120):
+    """Ask a server started with `traced_env` for a snapshot (SIGUSR1) and load it."""
+    os.kill(pid, signal.SIGUSR1)
+    path = directory / f"snapshot-{pid}-{index}.pickle"
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no tracemalloc snapshot from {pid} in {timeout:.0f} s")
+        time.sleep(0.1)
+    with path.open("rb") as file:
+        return pickle.load(file)
 
 
 def machine() -> dict[str, str]:
