@@ -894,6 +894,9 @@ def main(argv: list[str] | None = None) -> int:
         type=_counts,
         help="scale: these concurrent-stream counts, e.g. 100,250 (default 50 … 1000)",
     )
+    parser.add_argument(
+        "--ramp", type=float, help="scale, workers: seconds over which a step's streams open (default 20)"
+    )
     parser.add_argument("--soak-minutes", type=float, help="soak: go on this long after the warm-up")
     parser.add_argument("--soak-clients", type=int, help=f"soak: answers in flight (default {SOAK_CLIENTS})")
     parser.add_argument(
@@ -903,6 +906,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.quick(args.runs or 1) if args.quick else Plan.full(args.runs or 3)
     if args.steps:
         plan = dataclasses.replace(plan, steps=args.steps)
+    if args.ramp:
+        plan = dataclasses.replace(plan, ramp=args.ramp)
     plan = dataclasses.replace(
         plan,
         soak_minutes=args.soak_minutes,
