@@ -193,3 +193,118 @@ async def test_stream_slot_is_released_on_every_outcome(upstream, manager, chatb
         assert response.status_code != 429
     await asyncio.sleep(0)
     assert (await post_chat(client)).status_code == 200
+
+
+# The outcome's own write (`AnswerStore.save_outcome`): its SQL is built from the models'
+# fields, so these run it against the real database and read the rows back.
+
+
+async def _streaming_answer() -> Message:
+    conversation = await Conversation.objects.acreate(title="t")
+    return await Message.objects.acreate(
+        conversation=conversation, role="assistant", status="streaming", client_key=CLIENT_KEY
+    )
+
+
+def _outcome_fields(**overrides) -> dict:
+    from django.utils import timezone
+
+    return {
+        "content": "Hello, wörld 🙂",
+        "status": "complete",
+        "finish_reason": "stop",
+        "prompt_tokens": 12,
+        "completion_tokens": 3,
+        "tokens_estimated": False,
+        "heartbeat_at": timezone.now(),
+        "holds_slot": False,
+        "last_seq": 5,
+        **overrides,
+    }
+
+
+def _record(message_id, **overrides) -> UsageRecord:
+    fields = {
+        "message_id": message_id, "part": 0, "client_key": CLIENT_KEY, "provider": "openai", "model": "m",
+        "prompt_tokens": 12, "completion_tokens": 3, "ttft_ms": 1.5, "duration_ms": 20.0, "outcome": "complete",
+    }  # fmt: skip
+    return UsageRecord(**fields | overrides)
+
+
+CLIENT_KEY = "ip:127.0.0.9"
+
+
+async def test_outcome_saved_with_its_usage_record():
+    from chatbot_api.streaming.store import AnswerStore
+
+    message = await _streaming_answer()
+    store = AnswerStore()
+    try:
+        assert await store.save_outcome(message.id, _outcome_fields(), _record(message.id)) is True
+    finally:
+        await store.close()
+    await message.arefresh_from_db()
+    assert (message.status, message.content, message.finish_reason, message.last_seq) == (
+        "complete", "Hello, wörld 🙂", "stop", 5,
+    )  # fmt: skip
+    assert (message.prompt_tokens, message.completion_tokens, message.holds_slot) == (12, 3, False)
+    record = await UsageRecord.objects.aget()
+    assert (record.message_id, record.part, record.client_key, record.ttft_ms, record.outcome) == (
+        message.id, 0, CLIENT_KEY, 1.5, "complete",
+    )  # fmt: skip
+    assert record.created_at is not None
+
+
+async def test_outcome_keeps_the_usage_record_the_sweep_wrote_first():
+    from chatbot_api.streaming.store import AnswerStore
+
+    message = await _streaming_answer()
+    await UsageRecord.objects.acreate(
+        message_id=message.id, part=0, client_key=CLIENT_KEY, provider="openai", model="m",
+        completion_tokens=2, estimated=True, outcome="interrupted",
+    )  # fmt: skip
+    store = AnswerStore()
+    try:
+        assert await store.save_outcome(message.id, _outcome_fields(), _record(message.id)) is True
+    finally:
+        await store.close()
+    await message.arefresh_from_db()
+    assert message.status == "complete", "the outcome is still saved"
+    record = await UsageRecord.objects.aget()
+    assert (record.outcome, record.completion_tokens) == ("interrupted", 2), "one record per part: the first"
+
+
+async def test_outcome_of_a_deleted_answer_still_charges_its_usage():
+    from chatbot_api.streaming.store import AnswerStore
+
+    message = await _streaming_answer()
+    await Conversation.objects.all().adelete()
+    store = AnswerStore()
+    try:
+        assert await store.save_outcome(message.id, _outcome_fields(), _record(message.id)) is True
+    finally:
+        await store.close()
+    record = await UsageRecord.objects.aget()
+    assert record.message_id is None and record.completion_tokens == 3
+
+
+async def test_outcome_the_database_refuses_is_not_ignored():
+    """Only the duplicate is ignored: a value the database refuses fails the save, which says so."""
+    from chatbot_api.streaming.store import AnswerStore
+
+    message = await _streaming_answer()
+    store = AnswerStore()
+    try:
+        saved = await store.save_outcome(
+            message.id, _outcome_fields(), _record(message.id, completion_tokens=-1)
+        )
+    finally:
+        await store.close()
+    assert saved is False
+    assert await UsageRecord.objects.acount() == 0
+    await message.arefresh_from_db()
+    assert (message.status, message.error_code, message.content) == (
+        "failed",
+        "save_failed",
+        "Hello, wörld 🙂",
+    )
