@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from uuid import UUID
 
+from .deadline import Deadline
 from .events import DELTA, SNAPSHOT, Event
 
 # Yielded by `read()` when nothing happened for `keepalive` seconds, so transports
@@ -227,21 +228,23 @@ class InMemoryEventLog(EventLog):
             raise LogNotFound(message_id)
         base = stream.base
         position = max(after, base) - base  # an index into the events
-        while True:
-            while position < (len(stream) if stream.visible is None else stream.visible):
-                event = stream.get(position)
-                position += 1
-                yield event
-                if event.is_terminal:
-                    return
-            if stream.expires_at is not None and position >= len(stream):
-                return  # ended, and the reader is at or past its end
-            changed = stream.changed
-            try:
-                async with asyncio.timeout(keepalive):
-                    await changed.wait()
-            except TimeoutError:
-                yield KEEPALIVE
+        clock = asyncio.get_running_loop().time
+        with Deadline() as quiet:
+            while True:
+                while position < (len(stream) if stream.visible is None else stream.visible):
+                    event = stream.get(position)
+                    position += 1
+                    yield event
+                    if event.is_terminal:
+                        return
+                if stream.expires_at is not None and position >= len(stream):
+                    return  # ended, and the reader is at or past its end
+                if keepalive is not None:
+                    quiet.move(clock() + keepalive)
+                try:
+                    await quiet.wait(stream.changed.wait())
+                except TimeoutError:
+                    yield KEEPALIVE
 
     async def exists(self, message_id: UUID) -> bool:
         return message_id in self._streams

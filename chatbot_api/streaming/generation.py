@@ -27,6 +27,7 @@ from ..models import Message, UsageRecord
 from ..providers import Chunk, Provider, Usage
 from ..providers.base import storable_text
 from . import events as ev
+from .deadline import Deadline
 from .eventlog import EventLog
 from .outcome import Outcome
 from .store import AnswerStore
@@ -164,30 +165,30 @@ class Generation:
         loop = asyncio.get_running_loop()
         limits = self.time_limits
         total_deadline = started + limits.total
-        deadline = min(started + limits.first_token, total_deadline)
-        self.limit = "first_token" if deadline < total_deadline else "total"
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    chunk = await anext(self.stream)
-            except StopAsyncIteration:
-                return
-            now = loop.time()
-            if chunk.text:
-                if self.first_token_at is None:
-                    self.first_token_at = now
-                text = storable_text(chunk.text)
-                self.parts.append(text)
-                await self.append(ev.DELTA, {"text": text})
-                self.store.mark_dirty(self)
-            if chunk.finish_reason:
-                self.finish_reason = chunk.finish_reason
-            if chunk.usage is not None:
-                self.usage = chunk.usage
-            if self.first_token_at is not None:
-                idle_deadline = now + limits.idle
-                self.limit = "idle" if idle_deadline < total_deadline else "total"
-                deadline = min(idle_deadline, total_deadline)
+        first_token_deadline = min(started + limits.first_token, total_deadline)
+        self.limit = "first_token" if first_token_deadline < total_deadline else "total"
+        with Deadline(first_token_deadline) as deadline:
+            while True:
+                try:
+                    chunk = await deadline.wait(anext(self.stream))
+                except StopAsyncIteration:
+                    return
+                now = loop.time()
+                if chunk.text:
+                    if self.first_token_at is None:
+                        self.first_token_at = now
+                    text = storable_text(chunk.text)
+                    self.parts.append(text)
+                    await self.append(ev.DELTA, {"text": text})
+                    self.store.mark_dirty(self)
+                if chunk.finish_reason:
+                    self.finish_reason = chunk.finish_reason
+                if chunk.usage is not None:
+                    self.usage = chunk.usage
+                if self.first_token_at is not None:
+                    idle_deadline = now + limits.idle
+                    self.limit = "idle" if idle_deadline < total_deadline else "total"
+                    deadline.move(min(idle_deadline, total_deadline))
 
     async def _finish(self, outcome: Outcome, started: float) -> None:
         """Save the outcome, give the slot back, end the log: each step even if another failed.
