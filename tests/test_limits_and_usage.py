@@ -225,8 +225,9 @@ def _outcome_fields(**overrides) -> dict:
 
 def _record(message_id, **overrides) -> UsageRecord:
     fields = {
-        "message_id": message_id, "part": 0, "client_key": CLIENT_KEY, "provider": "openai", "model": "m",
-        "prompt_tokens": 12, "completion_tokens": 3, "ttft_ms": 1.5, "duration_ms": 20.0, "outcome": "complete",
+        "message_id": message_id, "part": 0, "client_key": CLIENT_KEY, "provider": "openai",
+        "model": "m", "prompt_tokens": 12, "completion_tokens": 3, "ttft_ms": 1.5, "duration_ms": 20.0,
+        "outcome": "complete",
     }  # fmt: skip
     return UsageRecord(**fields | overrides)
 
