@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 def _profile(server: servers.Process, workdir: Path, requests: int) -> str:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     out = workdir / "profile.txt"
-    argv = [py_spy, "record", "--format", "raw", "--rate", "500", "--threads",
+    argv = [py_spy, "record", "--nonblocking", "--format", "raw", "--rate", "500", "--threads",
             "--pid", str(server.pid), "--output", str(out)]  # fmt: skip
     spy = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
