@@ -486,7 +486,8 @@ def _create_turn(
 
     `picked`: the model the user chose, which the conversation remembers."""
     with transaction.atomic():
-        if conversation is None:
+        is_new = conversation is None
+        if is_new:
             first = next((m["content"] for m in history if m["role"] == "user"), text)
             conversation = Conversation.objects.create(
                 title=_title(first), model=picked, **owner.create_kwargs
@@ -498,7 +499,8 @@ def _create_turn(
         user_message = Message.objects.create(
             conversation=conversation, role=Message.Role.USER, content=text, status=Status.COMPLETE
         )
-        return conversation, user_message, _create_answer(conversation, provider, **charge)
+        answer = _create_answer(conversation, provider, touch_conversation=not is_new, **charge)
+        return conversation, user_message, answer
 
 
 def _save_history(conversation: Conversation, history: list[dict]) -> None:
@@ -541,10 +543,13 @@ def _create_answer(
     transport: str,
     streaming: bool,
     model: str,
+    touch_conversation: bool = True,
 ) -> Message:
-    """A pending answer (inside the caller's transaction); touches the conversation's `updated_at`."""
+    """A pending answer (inside the caller's transaction); touches the conversation's `updated_at`
+    (not one created in the same transaction: it has just been set)."""
     now = timezone.now()
-    Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
+    if touch_conversation:
+        Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
     return Message.objects.create(
         **({"id": answer_id} if answer_id is not None else {}),
         conversation=conversation,

@@ -75,6 +75,20 @@ async def test_known_session_continues_with_history_as_context(upstream, manager
     assert await Message.objects.filter(conversation_id=first["session_id"]).acount() == 4
 
 
+async def test_a_conversation_written_to_comes_first_in_the_list(upstream, manager):
+    client = AsyncClient()
+    upstream.enqueue(Script(chunks=["One"]), Script(chunks=["Two"]), Script(chunks=["Again"]))
+    older = (await post_chat(client, {"message": "Older"})).json()["session_id"]
+    newer = (await post_chat(client, {"message": "Newer"})).json()["session_id"]
+
+    def listed(response) -> list[str]:
+        return [conversation["session_id"] for conversation in response.json()]
+
+    assert listed(await client.get("/api/conversations/")) == [newer, older], "a new one first"
+    await post_chat(client, {"message": "Back to the older", "session_id": older})
+    assert listed(await client.get("/api/conversations/")) == [older, newer], "touched by its new turn"
+
+
 async def test_history_is_trimmed_to_the_token_budget(upstream, manager, chatbot_settings):
     chatbot_settings(HISTORY_TOKENS=60)
     client = AsyncClient()
