@@ -235,15 +235,20 @@ def _record(message_id, **overrides) -> UsageRecord:
 CLIENT_KEY = "ip:127.0.0.9"
 
 
-async def test_outcome_saved_with_its_usage_record():
+async def save_outcome(message: Message, record: UsageRecord | None = None) -> bool:
+    """What a generation's end writes, through its own store (its database thread)."""
     from chatbot_api.streaming.store import AnswerStore
 
-    message = await _streaming_answer()
     store = AnswerStore()
     try:
-        assert await store.save_outcome(message.id, _outcome_fields(), _record(message.id)) is True
+        return await store.save_outcome(message.id, _outcome_fields(), record or _record(message.id))
     finally:
         await store.close()
+
+
+async def test_outcome_saved_with_its_usage_record():
+    message = await _streaming_answer()
+    assert await save_outcome(message) is True
     await message.arefresh_from_db()
     assert (message.status, message.content, message.finish_reason, message.last_seq) == (
         "complete", "Hello, wörld 🙂", "stop", 5,
@@ -257,18 +262,12 @@ async def test_outcome_saved_with_its_usage_record():
 
 
 async def test_outcome_keeps_the_usage_record_the_sweep_wrote_first():
-    from chatbot_api.streaming.store import AnswerStore
-
     message = await _streaming_answer()
     await UsageRecord.objects.acreate(
         message_id=message.id, part=0, client_key=CLIENT_KEY, provider="openai", model="m",
         completion_tokens=2, estimated=True, outcome="interrupted",
     )  # fmt: skip
-    store = AnswerStore()
-    try:
-        assert await store.save_outcome(message.id, _outcome_fields(), _record(message.id)) is True
-    finally:
-        await store.close()
+    assert await save_outcome(message) is True
     await message.arefresh_from_db()
     assert message.status == "complete", "the outcome is still saved"
     record = await UsageRecord.objects.aget()
@@ -276,31 +275,17 @@ async def test_outcome_keeps_the_usage_record_the_sweep_wrote_first():
 
 
 async def test_outcome_of_a_deleted_answer_still_charges_its_usage():
-    from chatbot_api.streaming.store import AnswerStore
-
     message = await _streaming_answer()
     await Conversation.objects.all().adelete()
-    store = AnswerStore()
-    try:
-        assert await store.save_outcome(message.id, _outcome_fields(), _record(message.id)) is True
-    finally:
-        await store.close()
+    assert await save_outcome(message) is True
     record = await UsageRecord.objects.aget()
     assert record.message_id is None and record.completion_tokens == 3
 
 
 async def test_outcome_the_database_refuses_is_not_ignored():
     """Only the duplicate is ignored: a value the database refuses fails the save, which says so."""
-    from chatbot_api.streaming.store import AnswerStore
-
     message = await _streaming_answer()
-    store = AnswerStore()
-    try:
-        saved = await store.save_outcome(
-            message.id, _outcome_fields(), _record(message.id, completion_tokens=-1)
-        )
-    finally:
-        await store.close()
+    saved = await save_outcome(message, _record(message.id, completion_tokens=-1))
     assert saved is False
     assert await UsageRecord.objects.acount() == 0
     await message.arefresh_from_db()
