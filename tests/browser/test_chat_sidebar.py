@@ -355,6 +355,42 @@ def test_the_model_picker_appears_for_several_models_and_each_conversation_keeps
     expect(page.locator("#modelSelect")).to_have_value("llama3.2:1b")
 
 
+def test_a_model_picked_before_the_conversation_list_loads_is_kept(open_page, upstream):
+    """The list may arrive after the user picked: it must not put the default back."""
+    upstream.models = ["llama3.2:1b"]
+    upstream.enqueue(Script(chunks=["First."]), Script(chunks=["From llama."]))
+    page = open_page()
+    send(page, "A first conversation", streaming=True)
+    wait_answer_finished(page)
+    page.click("#newChatButton")
+
+    held = []
+
+    def hold_the_first(route):  # the page's first list is answered only after the pick
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route("**/api/conversations/", hold_the_first)
+    page.reload()
+    expect(page.locator("#modelPicker")).to_be_visible()
+    for _ in range(250):  # the route's handler runs while Playwright waits
+        if held:
+            break
+        page.wait_for_timeout(20)
+    assert held, "the page asked for its conversation list"
+    page.select_option("#modelSelect", "llama3.2:1b")
+    with page.expect_response("**/api/conversations/"):
+        held[0].continue_()
+    expect(page.locator(".conversation")).to_have_count(1)
+    expect(page.locator("#modelSelect")).to_have_value("llama3.2:1b")
+
+    send(page, "Hi llama", streaming=True)
+    wait_answer_finished(page)
+    assert upstream.history[-1].model == "llama3.2:1b"
+
+
 def test_no_model_picker_when_there_is_one_model(open_page):
     page = open_page()
     expect(page.locator("#modelPicker")).to_be_hidden()

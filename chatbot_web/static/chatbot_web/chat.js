@@ -184,6 +184,11 @@ chat.on("conversations", () => models.showFor(chat.sessionId));
 /** The model picker: shown when the server can answer with several; each conversation keeps its pick. */
 const models = {
   default: "",
+  // What the user chose in the open chat: a later refresh of the conversation list (the page's
+  // first load may end after the pick) must not put the default back. Forgotten when another
+  // chat is shown (`chat.loadToken` counts those); a new chat that gets its id keeps it.
+  picked: "",
+  pickedIn: null,
 
   async load() {
     const listed = await api.models();
@@ -198,11 +203,17 @@ const models = {
 
   showFor(sessionId) {
     if (ui.modelPicker.hidden) return;
+    if (this.pickedIn !== chat.loadToken) this.picked = "";
     const conversation = chat.conversations.find((c) => c.session_id === sessionId);
-    const model = conversation?.model || this.default;
+    const model = this.picked || conversation?.model || this.default;
     if ([...ui.modelSelect.options].some((option) => option.value === model)) ui.modelSelect.value = model;
   },
 };
+
+ui.modelSelect.addEventListener("change", () => {
+  models.picked = ui.modelSelect.value;
+  models.pickedIn = chat.loadToken;
+});
 
 /** The export menu offers the open conversation's files (none for a new chat). */
 function showExport(sessionId) {
