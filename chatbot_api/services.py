@@ -26,6 +26,7 @@ from .identity import Owner
 from .limits import give_back, take_slot
 from .models import Conversation, Message
 from .providers import Provider, Usage, get_provider
+from .rows import insert
 from .selectors import conversation_context, conversation_get, message_get
 from .streaming.follow import follow_events
 from .streaming.generation import EarlyStream, GenerationRequest
@@ -489,16 +490,16 @@ def _create_turn(
         is_new = conversation is None
         if is_new:
             first = next((m["content"] for m in history if m["role"] == "user"), text)
-            conversation = Conversation.objects.create(
-                title=_title(first), model=picked, **owner.create_kwargs
-            )
+            conversation = Conversation(title=_title(first), model=picked, **owner.create_kwargs)
+            insert(conversation)
         elif picked != conversation.model:
             Conversation.objects.filter(pk=conversation.pk).update(model=picked)
             conversation.model = picked
         _save_history(conversation, history)
-        user_message = Message.objects.create(
+        user_message = Message(
             conversation=conversation, role=Message.Role.USER, content=text, status=Status.COMPLETE
         )
+        insert(user_message)
         answer = _create_answer(conversation, provider, touch_conversation=not is_new, **charge)
         return conversation, user_message, answer
 
@@ -550,7 +551,7 @@ def _create_answer(
     now = timezone.now()
     if touch_conversation:
         Conversation.objects.filter(pk=conversation.pk).update(updated_at=now)
-    return Message.objects.create(
+    answer = Message(
         **({"id": answer_id} if answer_id is not None else {}),
         conversation=conversation,
         role=Message.Role.ASSISTANT,
@@ -564,6 +565,8 @@ def _create_answer(
         transport=transport,
         streaming=streaming,
     )
+    insert(answer)
+    return answer
 
 
 def _title(text: str) -> str:

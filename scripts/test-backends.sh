@@ -21,4 +21,4 @@ fi
 echo "Running the core suites on PostgreSQL and Redis..."
 DATABASE_URL="$PG_URL" REDIS_URL="$REDIS" .venv/bin/python -m pytest -q \
   tests/test_api_chat.py tests/test_streaming.py tests/test_websocket.py tests/test_limits_and_usage.py \
-  tests/test_auth_and_metrics.py tests/test_continue.py tests/test_eventlog.py tests/test_scaleout.py tests/test_faults.py tests/test_faults_cluster.py
+  tests/test_auth_and_metrics.py tests/test_continue.py tests/test_eventlog.py tests/test_scaleout.py tests/test_faults.py tests/test_faults_cluster.py tests/test_rows.py

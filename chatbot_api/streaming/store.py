@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from ..conf import chatbot_setting
 from ..models import Message, UsageRecord
+from ..rows import insert_sql
 from .outcome import Outcome
 from .tasks import detached_task
 
@@ -179,7 +180,7 @@ def _save_outcome(message_id: UUID, fields: dict, record: UsageRecord) -> None:
         if not cursor.rowcount:
             # Deleted meanwhile (with its conversation): the usage is still charged.
             record.message_id = None
-        cursor.execute(*_insert_usage_sql(connection, record))
+        cursor.execute(*insert_sql(connection, record, ignore_conflicts_on=("message", "part")))
 
 
 def _update_sql(connection, message_id: UUID, fields: dict) -> tuple[str, list]:
@@ -191,20 +192,6 @@ def _update_sql(connection, message_id: UUID, fields: dict) -> tuple[str, list]:
         params.append(field.get_db_prep_save(value, connection))
     params.append(meta.pk.get_db_prep_value(message_id, connection))
     sql = f"UPDATE {quote(meta.db_table)} SET {', '.join(columns)} WHERE {quote(meta.pk.column)} = %s"
-    return sql, params
-
-
-def _insert_usage_sql(connection, record: UsageRecord) -> tuple[str, list]:
-    quote, meta = connection.ops.quote_name, UsageRecord._meta
-    record.created_at = timezone.now()  # what auto_now_add would set
-    fields = [field for field in meta.concrete_fields if not field.primary_key]
-    params = [field.get_db_prep_save(field.value_from_object(record), connection) for field in fields]
-    unique = [meta.get_field(name).column for name in ("message", "part")]
-    sql = (
-        f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(field.column) for field in fields)}) "
-        f"VALUES ({', '.join(['%s'] * len(fields))}) "
-        f"ON CONFLICT ({', '.join(quote(column) for column in unique)}) DO NOTHING"
-    )
     return sql, params
 
 
