@@ -244,6 +244,7 @@ _chatbot_env = {
     "REQUESTS_PER_MINUTE": env_number("CHATBOT_REQUESTS_PER_MINUTE", None, int, minimum=0),
     "CONCURRENT_STREAMS": env_number("CHATBOT_CONCURRENT_STREAMS", None, int, minimum=0),
     "TOKENS_PER_DAY": env_number("CHATBOT_TOKENS_PER_DAY", None, int, minimum=0),
+    "AUTH_CACHE_SECONDS": env_number("CHATBOT_AUTH_CACHE_SECONDS", None, minimum=0),
     "LOGIN_FAILURES_PER_ACCOUNT": env_number("CHATBOT_LOGIN_FAILURES_PER_ACCOUNT", None, int, minimum=0),
     "LOGIN_FAILURES_PER_IP": env_number("CHATBOT_LOGIN_FAILURES_PER_IP", None, int, minimum=0),
     "LOGIN_LOCKOUT_SECONDS": env_number("CHATBOT_LOGIN_LOCKOUT_SECONDS", None, int, minimum=1),

@@ -7,7 +7,7 @@ class ChatbotApiConfig(AppConfig):
     verbose_name = "Chatbot"
 
     def ready(self):
-        # System checks, the OpenAPI auth extension, and hooks that reset cached clients.
-        from . import checks, conf, schema, signals  # noqa: F401
+        # System checks, the OpenAPI auth extension, and hooks that reset cached clients and lookups.
+        from . import checks, conf, lookups, schema, signals  # noqa: F401
 
         conf.validate()  # an unknown CHATBOT key stops the process here, with the valid ones

@@ -53,6 +53,8 @@ DEFAULTS: dict[str, object] = {
     "REQUESTS_PER_MINUTE": 20,
     "CONCURRENT_STREAMS": 3,
     "TOKENS_PER_DAY": 200_000,
+    # API tokens' users and users' quotas are remembered this long per worker (chatbot_api/lookups.py)
+    "AUTH_CACHE_SECONDS": 5.0,
     "LOGIN_FAILURES_PER_ACCOUNT": 10,
     "LOGIN_FAILURES_PER_IP": 50,
     "LOGIN_LOCKOUT_SECONDS": 900,

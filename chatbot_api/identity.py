@@ -8,6 +8,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.exceptions import NotAuthenticated
 
 from .conf import chatbot_setting
+from .lookups import MISSING, token_users
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,5 +80,12 @@ async def _token_user(scope):
     kind, _, key = header.partition(" ")
     if kind.lower() != "token" or not key:
         return None
-    token = await Token.objects.select_related("user").filter(key=key.strip()).afirst()
-    return token.user if token and token.user.is_active else None
+    key = key.strip()
+    found = token_users.get(key)
+    if found is MISSING:
+        token = await Token.objects.select_related("user").filter(key=key).afirst()
+        if token is None or not token.user.is_active:
+            return None
+        found = (token.user, token)
+        token_users.put(key, found)
+    return found[0]

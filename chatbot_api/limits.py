@@ -25,6 +25,7 @@ from django.core.cache import cache
 from . import metrics
 from .conf import chatbot_setting
 from .errors import ChatbotError
+from .lookups import MISSING, user_quotas
 from .models import UserQuota
 
 logger = logging.getLogger("chatbot.limits")
@@ -71,7 +72,10 @@ class RateLimiter:
         )
         if user_id is None:
             return defaults
-        quota = UserQuota.objects.filter(user_id=user_id).first()
+        quota = user_quotas.get(user_id)
+        if quota is MISSING:
+            quota = UserQuota.objects.filter(user_id=user_id).first()
+            user_quotas.put(user_id, quota)
         if quota is None:
             return defaults
         return Limits(

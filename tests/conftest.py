@@ -55,13 +55,16 @@ def no_load_shedding(settings):
 
 @pytest.fixture(autouse=True)
 def fresh_manager():
-    """Every test gets its own generation manager, event logs and rate-limit counters."""
+    """Every test gets its own generation manager, event logs, rate-limit counters and remembered
+    lookups (a flushed database reuses ids, without the signals that forget them)."""
     from django.core.cache import cache
 
+    from chatbot_api import lookups
     from chatbot_api.providers import reset_provider
     from chatbot_api.streaming.manager import reset_manager
 
     cache.clear()
+    lookups.forget_all()
     reset_manager()
     reset_provider()
     yield

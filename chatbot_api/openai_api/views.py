@@ -6,11 +6,10 @@ import logging
 
 from django.http import HttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework.authentication import TokenAuthentication
 from rest_framework.response import Response
 
 from .. import admission, selectors, services
-from ..authentication import BearerTokenAuthentication
+from ..authentication import BearerTokenAuthentication, TokenAuthentication
 from ..errors import NotFound, api_exception_handler, status_for_code
 from ..identity import owner_for
 from ..models import Message
