@@ -90,3 +90,44 @@ async def test_closing_cancels_its_timer():
     timer = deadline._timer
     deadline.close()
     assert timer is not None and timer.cancelled()
+
+
+async def test_a_wait_that_ends_as_the_deadline_fires_leaves_no_cancellation_behind():
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    when = later(0.05)
+    loop.call_at(when, done.set_result, "chunk")  # runs first, in the timer's own loop iteration
+    with Deadline(when) as deadline:
+        try:
+            assert await deadline.wait(done) == "chunk"
+        except TimeoutError:
+            pass  # also right: the limit was reached as the value came (asyncio.timeout does the same)
+        await asyncio.sleep(0.01)  # the task is not left with a cancellation of ours pending
+        assert asyncio.current_task().cancelling() == 0
+
+
+async def test_an_outside_cancellation_during_an_expiring_wait_stays_a_cancellation():
+    async def reader(deadline: Deadline):
+        return await deadline.wait(value_after(5))
+
+    loop = asyncio.get_running_loop()
+    when = later(0.05)
+    with Deadline(when) as deadline:  # its timer goes first at `when`...
+        task = asyncio.create_task(reader(deadline))
+        loop.call_at(when, task.cancel)  # ...then someone else's cancellation, before the reader runs
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_wait_that_fails_otherwise_after_expiry_keeps_its_error_and_no_cancellation():
+    async def fails_on_cancel():
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            raise ValueError("cleanup failed") from None
+
+    with Deadline(later(0.05)) as deadline:
+        with pytest.raises(ValueError, match="cleanup failed"):
+            await deadline.wait(fails_on_cancel())
+        assert asyncio.current_task().cancelling() == 0
+        await asyncio.sleep(0.01)  # no cancellation of ours left pending on the task

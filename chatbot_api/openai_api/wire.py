@@ -10,7 +10,6 @@ which the SDK raises as `APIError`.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -188,7 +187,7 @@ def _usage_object(usage: dict | None) -> dict | None:
 
 
 def _frame(payload: dict, seq: int | None) -> bytes:
-    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    data = ev.encode_json(payload)
     return (f"id: {seq}\ndata: {data}\n\n" if seq is not None else f"data: {data}\n\n").encode()
 
 

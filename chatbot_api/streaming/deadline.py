@@ -2,8 +2,9 @@
 
 `asyncio.timeout()` around each wait arms and cancels a timer per token, for every
 generation (its idle limit) and every reader (its keep-alive): ~4% of a relayed
-token's CPU. A `Deadline` keeps one timer per owner; moving the deadline only stores the
-new time, and the timer, when it fires before that time, arms itself again for it.
+token's CPU, and its context manager another ~3%. A `Deadline` keeps one timer per
+owner; moving the deadline only stores the new time, and the timer, when it fires
+before that time, arms itself again for it.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ class Deadline:
     one at once. Used as a context manager (or `close()`d) so its timer goes with it.
     """
 
-    __slots__ = ("_armed_at", "_loop", "_scope", "_timer", "when")
+    __slots__ = ("_armed_at", "_expiring", "_loop", "_timer", "_waiter", "when")
 
     def __init__(self, when: float | None = None):
         self._loop = asyncio.get_running_loop()
-        self._scope: asyncio.Timeout | None = None  # the wait in progress
+        self._waiter: asyncio.Task | None = None  # the task whose wait is in progress
+        self._expiring = False  # the timer cancelled that wait
         self._timer: asyncio.TimerHandle | None = None
         self._armed_at = 0.0
         self.when = None
@@ -49,12 +51,23 @@ class Deadline:
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()  # never awaited: no "coroutine was never awaited" warning
             raise TimeoutError
-        async with asyncio.timeout(None) as scope:
-            self._scope = scope
-            try:
-                return await awaitable
-            finally:
-                self._scope = None
+        # What asyncio.timeout() does (3.11), without an object and a context per wait: the timer
+        # cancels the waiting task, and a cancellation that was only ours becomes TimeoutError.
+        task = asyncio.current_task()
+        self._waiter = task
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self._expiring:
+                self._expiring = False
+                if task.uncancel() == 0:
+                    raise TimeoutError from None
+            raise
+        finally:
+            self._waiter = None
+            if self._expiring:  # the wait ended another way before our cancellation landed
+                self._expiring = False
+                task.uncancel()
 
     def __enter__(self) -> Deadline:
         return self
@@ -78,5 +91,6 @@ class Deadline:
             return
         if self._loop.time() < when:
             self._arm(when)  # moved on since it was armed
-        elif self._scope is not None:
-            self._scope.reschedule(self._loop.time())  # expire the wait in progress now
+        elif self._waiter is not None and not self._expiring:
+            self._expiring = True  # expire the wait in progress now
+            self._waiter.cancel()

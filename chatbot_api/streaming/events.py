@@ -29,6 +29,10 @@ META, DELTA, SNAPSHOT, USAGE, DONE, ERROR = "meta", "delta", "snapshot", "usage"
 TERMINAL_TYPES = frozenset({DONE, ERROR})
 
 
+# One encoder for every event: json.dumps() with options builds a new one per call.
+encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     seq: int | None  # None: a reader's own terminal event, not one of the answer's
@@ -39,14 +43,14 @@ class Event:
     @classmethod
     def create(cls, seq: int, type: str, data: dict, message_id) -> Event:
         payload = {"type": type, "seq": seq, "message_id": str(message_id), **data}
-        return cls(seq, type, data, json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
+        return cls(seq, type, data, encode_json(payload))
 
     @classmethod
     def for_reader(cls, code: str, message: str, message_id, *, retryable: bool = True) -> Event:
         """A terminal `error` that ends one reader's stream (no seq: the answer goes on)."""
         data = {"code": code, "message": message, "retryable": retryable}
         payload = {"type": ERROR, "message_id": str(message_id), **data}
-        return cls(None, ERROR, data, json.dumps(payload, ensure_ascii=False, separators=(",", ":")))
+        return cls(None, ERROR, data, encode_json(payload))
 
     @property
     def is_terminal(self) -> bool:

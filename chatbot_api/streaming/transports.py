@@ -80,8 +80,21 @@ async def _ndjson(events: AsyncIterator) -> AsyncIterator[bytes]:
             yield NDJSON_KEEPALIVE if item is KEEPALIVE else (item.json + "\n").encode()
 
 
+class ByteStreamResponse(StreamingHttpResponse):
+    """A `StreamingHttpResponse` whose async iterator already yields bytes, served as it is.
+
+    Django's own `__aiter__` passes every chunk through two more async generators (its
+    sync-iterator fallback and `make_bytes()`): two resumptions per token for nothing.
+    """
+
+    def __aiter__(self):
+        if self.is_async:
+            return self._iterator  # the body as set last (a middleware may have wrapped it)
+        return super().__aiter__()
+
+
 def _streaming_response(body: AsyncIterator[bytes], content_type: str) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(body, content_type=content_type)
+    response = ByteStreamResponse(body, content_type=content_type)
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass each chunk through at once
     return response
