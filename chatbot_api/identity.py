@@ -59,9 +59,15 @@ async def owner_for(request) -> Owner:
 
 
 async def owner_for_scope(scope) -> Owner | None:
-    """The same for a WebSocket: an API token, else the signed-in user, else the page's session."""
+    """The same for a WebSocket: an API token, else the signed-in user, else the page's session.
+
+    A token that is not valid (unknown, revoked, its user inactive) is refused, as over
+    HTTP: never taken as anonymous."""
     client_ip = (scope.get("client") or ("",))[0] or ""
-    user = await _token_user(scope) or scope.get("user")
+    user = await _token_user(scope)
+    if user is INVALID_TOKEN:
+        return None
+    user = user or scope.get("user")
     if user is not None and user.is_authenticated:
         return Owner(user_id=user.pk, client_ip=client_ip)
     if not chatbot_setting("ALLOW_ANONYMOUS"):
@@ -74,18 +80,22 @@ async def owner_for_scope(scope) -> Owner | None:
     return Owner(session_key=session.session_key, client_ip=client_ip)
 
 
+INVALID_TOKEN = object()
+
+
 async def _token_user(scope):
-    """The user of an `Authorization: Token <key>` header (non-browser WebSocket clients)."""
+    """The user of an `Authorization: Token <key>` header (non-browser WebSocket clients):
+    None without one, INVALID_TOKEN for a key that names no active user."""
     header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
     kind, _, key = header.partition(" ")
-    if kind.lower() != "token" or not key:
+    if kind.lower() != "token":
         return None
     key = key.strip()
     found = token_users.get(key)
     if found is MISSING:
-        token = await Token.objects.select_related("user").filter(key=key).afirst()
+        token = await Token.objects.select_related("user").filter(key=key).afirst() if key else None
         if token is None or not token.user.is_active:
-            return None
+            return INVALID_TOKEN
         found = (token.user, token)
         token_users.put(key, found)
     return found[0]
