@@ -249,6 +249,8 @@ async def test_partial_text_is_flushed_in_batches_not_per_token(upstream, manage
     assert partial.status == "streaming" and 1 <= len(partial.content) < 10, (
         "partial text reaches the database"
     )
+    final = await wait_for_status(partial.id, ("complete",))
+    assert final.content == "y" * 10, "the tokens after each flush are all in the saved answer"
 
 
 def test_batched_flush_writes_live_answers_and_never_a_finished_one():
