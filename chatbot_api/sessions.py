@@ -6,15 +6,27 @@ modified, so that `SessionMiddleware` sends the cookie, and the middleware then 
 again: an UPDATE of exactly what was just inserted, a second transaction on the request's
 critical path. This store skips a save whose data is byte-for-byte what its own INSERT
 wrote; any change (a login, a value set later in the request) is saved as usual.
+
+Nor does it look a new key up before inserting it: `create()` inserts with
+`must_create` and draws another key if that one is taken, so Django's `exists()`
+query before it (and, from async code, its thread hop) only repeated that check.
 """
 
 from __future__ import annotations
 
 from django.contrib.sessions.backends import db
+from django.contrib.sessions.backends.base import VALID_KEY_CHARS
+from django.utils.crypto import get_random_string
 
 
 class SessionStore(db.SessionStore):
     _inserted: str | None = None
+
+    def _get_new_session_key(self) -> str:
+        return get_random_string(32, VALID_KEY_CHARS)  # unique: create()'s INSERT checks it
+
+    async def _aget_new_session_key(self) -> str:
+        return self._get_new_session_key()
 
     def save(self, must_create=False):
         if not must_create and self._unchanged_since_insert():

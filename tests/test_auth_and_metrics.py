@@ -237,12 +237,31 @@ def test_a_new_session_is_written_once_and_later_changes_still_are():
         session.create()  # what owner_for() does for a new visitor
         session.save()  # what SessionMiddleware does next, because create() marked it modified
     assert writes(queries) == ["INSERT"]
+    assert not [q for q in queries if q["sql"].startswith("SELECT")], (
+        "no lookup of the new key before its INSERT"
+    )
 
     with CaptureQueriesContext(connection) as queries:
         session["theme"] = "dark"
         session.save()
     assert writes(queries) == ["UPDATE"]
     assert SessionStore(session.session_key).load() == {"theme": "dark"}
+
+
+def test_a_new_session_key_that_is_taken_is_drawn_again(monkeypatch):
+    from chatbot_api.sessions import SessionStore
+
+    taken = SessionStore()
+    taken.create()
+    keys = iter([taken.session_key, "k" * 32])
+    monkeypatch.setattr(SessionStore, "_get_new_session_key", lambda self: next(keys))
+
+    session = SessionStore()
+    session["theme"] = "light"
+    session.create()
+
+    assert session.session_key == "k" * 32  # the INSERT of the taken key failed, the next one won
+    assert SessionStore(taken.session_key).load() == {}, "the session that had the key is untouched"
 
 
 async def test_a_cookieless_request_gets_a_working_session_cookie(upstream, manager):
