@@ -23,6 +23,7 @@ from . import __version__, admission, export, login_throttle, selectors, service
 from .authentication import BearerTokenAuthentication, CsrfSessionAuthentication, TokenAuthentication
 from .errors import ChatbotError, api_exception_handler, error_body, status_for_code
 from .identity import owner_for
+from .lookups import MISSING, token_users
 from .models import Message
 from .parsers import SafeJSONParser
 from .permissions import ChatAccess
@@ -130,7 +131,12 @@ class ApiView(ApiPolicy, AsyncAPIView):
         kind, _, key = request._request.headers.get("Authorization", "").partition(" ")
         kind, key = kind.lower(), key.strip()
         if kind == "token" or (kind == "bearer" and key not in ("", "anonymous")):
-            return not TokenAuthentication.is_remembered(key)
+            found = token_users.get(key)
+            if found is MISSING:
+                return True
+            for authenticator in request.authenticators:  # this request's own instances
+                if isinstance(authenticator, TokenAuthentication):
+                    authenticator.pinned = (key, found)
         return False
 
     def finalize_response(self, request, response, *args, **kwargs):

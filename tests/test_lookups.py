@@ -128,3 +128,25 @@ def test_authentication_runs_on_the_event_loop_only_when_it_queries_nothing(
         authentication_classes = [*ModelsView.authentication_classes, type("Other", (), {})]
 
     assert ForeignAuthentication().initial_needs_database(request) is True
+
+
+async def test_a_token_forgotten_between_the_check_and_the_authentication_queries_nothing(manager):
+    """On the event loop a query would raise SynchronousOnlyOperation: the entry the check saw is
+    the one used, even if another thread forgets it (a user saved) or it expires just then."""
+    from django.test import RequestFactory
+
+    from chatbot_api import lookups
+    from chatbot_api.views import ModelsView
+
+    token = await new_token()
+    assert await models_status(token.key) == 200  # remembered now
+    view = ModelsView()
+    request = view.initialize_request(
+        RequestFactory().get("/api/models/", headers={"Authorization": f"Token {token.key}"})
+    )
+    assert view.initial_needs_database(request) is False
+
+    lookups.forget_all()
+    view.initial(request)  # on the loop, as async_dispatch runs it
+
+    assert request.user.pk == token.user_id
