@@ -2,7 +2,7 @@ from django.conf import settings
 from rest_framework import authentication
 from rest_framework.authentication import SessionAuthentication, get_authorization_header
 
-from .lookups import MISSING, token_users
+from .lookups import token_users
 
 
 class TokenAuthentication(authentication.TokenAuthentication):
@@ -16,11 +16,8 @@ class TokenAuthentication(authentication.TokenAuthentication):
     def authenticate_credentials(self, key):
         if self.pinned is not None and self.pinned[0] == key:
             return self.pinned[1]
-        found = token_users.get(key)
-        if found is MISSING:
-            found = super().authenticate_credentials(key)  # unknown key or inactive user: refused
-            token_users.put(key, found)
-        return found
+        # An unknown key or an inactive user raises AuthenticationFailed: nothing remembered.
+        return token_users.get_or_load(key, super().authenticate_credentials)
 
 
 class CsrfSessionAuthentication(SessionAuthentication):

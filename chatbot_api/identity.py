@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rest_framework.authtoken.models import Token
-from rest_framework.exceptions import NotAuthenticated
+from channels.db import database_sync_to_async
+from rest_framework.exceptions import AuthenticationFailed, NotAuthenticated
 
+from .authentication import TokenAuthentication
 from .conf import chatbot_setting
-from .lookups import MISSING, token_users
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +90,8 @@ async def _token_user(scope):
     kind, _, key = header.partition(" ")
     if kind.lower() != "token":
         return None
-    key = key.strip()
-    found = token_users.get(key)
-    if found is MISSING:
-        token = await Token.objects.select_related("user").filter(key=key).afirst() if key else None
-        if token is None or not token.user.is_active:
-            return INVALID_TOKEN
-        found = (token.user, token)
-        token_users.put(key, found)
-    return found[0]
+    try:  # the API's own lookup, remembered tokens included
+        user, _ = await database_sync_to_async(TokenAuthentication().authenticate_credentials)(key.strip())
+    except AuthenticationFailed:
+        return INVALID_TOKEN
+    return user

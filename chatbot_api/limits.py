@@ -25,7 +25,7 @@ from django.core.cache import cache
 from . import metrics
 from .conf import chatbot_setting
 from .errors import ChatbotError
-from .lookups import MISSING, user_quotas
+from .lookups import user_quotas
 from .models import UserQuota
 
 logger = logging.getLogger("chatbot.limits")
@@ -72,10 +72,9 @@ class RateLimiter:
         )
         if user_id is None:
             return defaults
-        quota = user_quotas.get(user_id)
-        if quota is MISSING:
-            quota = UserQuota.objects.filter(user_id=user_id).first()
-            user_quotas.put(user_id, quota)
+        quota = user_quotas.get_or_load(
+            user_id, lambda user_id: UserQuota.objects.filter(user_id=user_id).first()
+        )
         if quota is None:
             return defaults
         return Limits(

@@ -42,6 +42,14 @@ class Remembered:
             return MISSING
         return entry[1]
 
+    def get_or_load(self, key: Hashable, load: Callable[[Hashable], object]):
+        """The remembered value, else `load(key)`'s, remembered (an exception is not)."""
+        found = self.get(key)
+        if found is MISSING:
+            found = load(key)
+            self.put(key, found)
+        return found
+
     def put(self, key: Hashable, value) -> None:
         ttl = chatbot_setting("AUTH_CACHE_SECONDS")
         if not ttl:

@@ -123,7 +123,8 @@ class ApiView(ApiPolicy, AsyncAPIView):
     def initial_needs_database(self, request) -> bool:
         """Whether authenticating this request may query: a session cookie (its session and user
         are loaded), an API token not remembered (`lookups`), a site's throttles, or an
-        authenticator not known to need none."""
+        authenticator not known to need none. When it needs none, the remembered token is pinned
+        on this request's token authenticators, so that they use what was decided on."""
         if self.throttle_classes or settings.SESSION_COOKIE_NAME in request._request.COOKIES:
             return True
         if not all(issubclass(kind, INLINE_AUTHENTICATION) for kind in self.authentication_classes):
